@@ -1,0 +1,26 @@
+"""The ``mnistq`` command line: one group, each subcommand importing what it starts lazily."""
+
+from __future__ import annotations
+
+import click
+
+from client.server import api_command, db_group, up_command, worker_command
+from client.train import train_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mnistq")
+def cli() -> None:
+    """mnistq: train MNIST models from an HTTP request."""
+
+
+cli.add_command(train_command)
+cli.add_command(up_command)
+cli.add_command(api_command)
+cli.add_command(worker_command)
+cli.add_command(db_group)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

@@ -1,0 +1,50 @@
+"""Settings: the one typed object read from ``MNISTQ_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything configurable about a mnistq process; built once and passed explicitly."""
+
+    model_config = SettingsConfigDict(env_prefix="MNISTQ_", extra="ignore")
+
+    # Where things live. The defaults are the embedded mode: SQLite, a filesystem broker
+    # and folders under ./var, so one command runs the whole system with no services.
+    var_dir: Path = Path("var")
+    database_url: str = "sqlite:///var/mnistq.db"
+    broker_url: str = "filesystem://"
+    artifact_dir: Path = Path("var/artifacts")
+    data_dir: Path = Path("var/data")
+
+    # Training processes.
+    train_threads: int = Field(0, ge=0, description="torch threads per job; 0 = all cores")
+    download_mnist: bool = Field(True, description="let torchvision download MNIST if missing")
+
+    # Reliability protocol (docs/architecture.md, "Job lifecycle").
+    lease_seconds: float = Field(30.0, gt=0)
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    reaper_interval_seconds: float = Field(10.0, gt=0)
+    requeue_grace_seconds: float = Field(60.0, ge=0)
+    visibility_timeout_seconds: int = Field(12 * 3600, gt=0)
+
+    # HTTP API.
+    max_body_bytes: int = Field(64 * 1024, gt=0)
+    page_size: int = Field(50, ge=1, le=500)
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder the embedded ``filesystem://`` broker keeps its messages in."""
+        return self.var_dir / "broker"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()

@@ -1,0 +1,136 @@
+"""ORM models: the job row is the truth about a job; metrics and artifacts hang off it."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the only clock rows are stamped with."""
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    """A job id: 32 hex characters, unguessable, safe in URLs and file names."""
+    return uuid.uuid4().hex
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job is in its life: queued → running → succeeded | failed | cancelled."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        """True for the three end states, which never change again."""
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every mnistq table."""
+
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Job(Base):
+    """One training run requested over HTTP."""
+
+    __tablename__ = "job"
+    __table_args__ = (Index("ix_job_status_created", "status", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
+    hyperparameters: Mapped[dict[str, Any]]
+    device_requested: Mapped[str] = mapped_column(String(8), default="auto")
+    device_used: Mapped[str | None] = mapped_column(String(32))
+    queue: Mapped[str] = mapped_column(String(32), default="cpu")
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+
+    # Lease: who runs the job now and until when (renewed by the heartbeat).
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None]
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+
+    # Continued training from another job's checkpoint.
+    resume_from_job_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("job.id"))
+    resume_from_epoch: Mapped[int | None]
+
+    # Progress, written at every log interval.
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    n_epochs: Mapped[int] = mapped_column(Integer, default=0)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    steps_per_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    samples_seen: Mapped[int] = mapped_column(Integer, default=0)
+    total_samples: Mapped[int] = mapped_column(Integer, default=0)
+    samples_per_second: Mapped[float | None] = mapped_column(Float)
+
+    # Results.
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    test_loss: Mapped[float | None] = mapped_column(Float)
+    test_accuracy: Mapped[float | None] = mapped_column(Float)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    error_traceback: Mapped[str | None] = mapped_column(Text)
+    worker_hostname: Mapped[str | None] = mapped_column(String(255))
+
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    queued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    published_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    metrics: Mapped[list[Metric]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Metric.id"
+    )
+    artifacts: Mapped[list[Artifact]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Artifact.id"
+    )
+
+
+class Metric(Base):
+    """One logged point: a train loss every ``log_interval`` batches or a test result."""
+
+    __tablename__ = "metric"
+    __table_args__ = (Index("ix_metric_job_kind_step", "job_id", "kind", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("job.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(8))  # "train" | "test"
+    epoch: Mapped[int]
+    step: Mapped[int]
+    samples_seen: Mapped[int]
+    loss: Mapped[float] = mapped_column(Float)
+    accuracy: Mapped[float | None] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)
+
+    job: Mapped[Job] = relationship(back_populates="metrics")
+
+
+class Artifact(Base):
+    """A file a job produced, kept in the artifact store under the job's folder."""
+
+    __tablename__ = "artifact"
+    __table_args__ = (Index("ux_artifact_job_name", "job_id", "name", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("job.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255))  # relative path, e.g. checkpoints/epoch-1.pt
+    kind: Mapped[str] = mapped_column(String(16))  # checkpoint | model | plot | log
+    size: Mapped[int]
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="artifacts")
