@@ -1,0 +1,108 @@
+"""docker-compose.yml is valid and every service runs a real entry point with real settings."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from client.cli import cli
+from shared.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+MNISTQ_SERVICES = ("migrate", "api", "worker", "beat", "worker-gpu")
+
+
+def compose_config(*extra: str) -> dict[str, Any]:
+    """The file as docker-compose itself resolves it (anchors, merges, profiles)."""
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.fail("docker-compose is not installed (scripts/services installs it)")
+    out = subprocess.run(
+        [exe, *extra, "config"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    config: dict[str, Any] = yaml.safe_load(out.stdout)
+    return config
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, Any]:
+    """The resolved services, the gpu profile included."""
+    result: dict[str, Any] = compose_config("--profile", "gpu")["services"]
+    return result
+
+
+def resolve_click_command(args: list[str]) -> tuple[click.Command, str, list[str]]:
+    """Walk the mnistq group down to the subcommand ``args`` name."""
+    command: click.Command = cli
+    name = "mnistq"
+    while isinstance(command, click.Group):
+        name = args.pop(0)
+        sub = command.get_command(click.Context(command), name)
+        assert sub is not None, f"mnistq has no subcommand {name!r}"
+        command = sub
+    return command, name, args
+
+
+def test_compose_file_is_valid_without_and_with_the_gpu_profile() -> None:
+    default = compose_config()["services"]
+    assert {"redis", "postgres", "migrate", "api", "worker", "beat"} <= set(default)
+    # Only the gpu profile starts the GPU worker; everything else runs by default.
+    assert default["worker-gpu"]["profiles"] == ["gpu"]
+    assert all("profiles" not in spec for name, spec in default.items() if name != "worker-gpu")
+    assert "worker-gpu" in compose_config("--profile", "gpu")["services"]
+
+
+@pytest.mark.parametrize("service", MNISTQ_SERVICES)
+def test_service_command_is_a_real_entry_point(services: dict[str, Any], service: str) -> None:
+    command = list(services[service]["command"])
+    program = command.pop(0)
+    if program == "mnistq":
+        sub, name, args = resolve_click_command(command)
+        sub.make_context(name, args)  # raises on an unknown option or a bad value
+    else:
+        assert program == "celery", f"{service} runs {program}, not a mnistq entry point"
+        assert command[0] == "-A"
+        module = __import__(command[1], fromlist=["app"])
+        from celery import Celery
+
+        assert isinstance(module.app, Celery)
+        assert command[2] in {"worker", "beat"}
+
+
+@pytest.mark.parametrize("service", MNISTQ_SERVICES)
+def test_every_mnistq_variable_is_a_real_setting(services: dict[str, Any], service: str) -> None:
+    env = services[service].get("environment", {})
+    names = {k for k in env if k.startswith("MNISTQ_")}
+    assert names, f"{service} sets no MNISTQ_ variable"
+    fields = {f"MNISTQ_{name.upper()}" for name in Settings.model_fields}
+    assert names <= fields, f"unknown settings in {service}: {sorted(names - fields)}"
+    Settings.model_validate({k.removeprefix("MNISTQ_").lower(): v for k, v in env.items()})
+
+
+def test_stack_shape_matches_the_design(services: dict[str, Any]) -> None:
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["postgres"]["healthcheck"]["test"]
+    migrate_deps = services["migrate"]["depends_on"]
+    assert migrate_deps["postgres"]["condition"] == "service_healthy"
+    for name in ("api", "worker", "beat"):
+        cond = services[name]["depends_on"]["migrate"]["condition"]
+        assert cond == "service_completed_successfully"
+
+    def mounts(name: str) -> set[str]:
+        # docker-compose 1.x prints volumes in the short form "source:target:mode".
+        return {str(v).split(":")[0] for v in services[name].get("volumes", [])}
+
+    assert "artifacts" in mounts("api") & mounts("worker") & mounts("worker-gpu")
+    assert "data" in mounts("worker")
+    assert services["worker"]["command"][services["worker"]["command"].index("--queues") + 1]
+    gpu = services["worker-gpu"]
+    assert "gpu" in gpu["command"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia"
