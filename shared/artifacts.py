@@ -1,0 +1,134 @@
+"""The artifact store: one folder per job under a root shared by the API and the workers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+
+# One path part: starts with a letter, digit or underscore (so no "..", no hidden files),
+# then only characters that need no quoting in a URL or a shell.
+_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_NAME_LENGTH = 255
+MAX_DEPTH = 2  # "model.pth" or "checkpoints/epoch-1.pt"
+_CHUNK = 1 << 20
+
+
+class InvalidArtifactName(ValueError):
+    """A name that could point outside its job's folder or is not a plain relative path."""
+
+
+class ArtifactNotFound(LookupError):
+    """No such file in the job's folder."""
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a safe relative name like ``checkpoints/epoch-1.pt``; else raise."""
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise InvalidArtifactName(f"artifact name must be 1 to {MAX_NAME_LENGTH} characters")
+    parts = name.split("/")
+    if len(parts) > MAX_DEPTH:
+        raise InvalidArtifactName(f"artifact name may have at most {MAX_DEPTH - 1} '/'")
+    for part in parts:
+        if not _PART.fullmatch(part):
+            raise InvalidArtifactName(
+                f"artifact name part {part!r} is empty or has characters other than "
+                "letters, digits, '.', '_' and '-', or starts with '.' or '-'"
+            )
+    return name
+
+
+def validate_job_id(job_id: str) -> str:
+    """Return ``job_id`` if it can name a folder safely; else raise InvalidArtifactName."""
+    if not _JOB_ID.fullmatch(job_id):
+        raise InvalidArtifactName(f"job id {job_id!r} is not a valid folder name")
+    return job_id
+
+
+def artifact_kind(name: str) -> str:
+    """The kind of an artifact from its name: checkpoint, model, plot or log."""
+    path = PurePosixPath(name)
+    if path.parts[0] == "checkpoints":
+        return "checkpoint"
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        return "model"
+    if suffix in (".png", ".svg", ".jpg", ".jpeg"):
+        return "plot"
+    return "log"
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ArtifactStore:
+    """Files of each job under ``root/<job_id>/``; every name is checked to stay inside."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _job_root(self, job_id: str) -> Path:
+        return self.root / validate_job_id(job_id)
+
+    def job_dir(self, job_id: str) -> Path:
+        """The job's folder, created if missing."""
+        folder = self._job_root(job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _resolve(self, job_id: str, name: str) -> Path:
+        folder = self._job_root(job_id)
+        path = folder / validate_name(name)
+        # resolve() follows symlinks, so a link planted in the folder cannot lead out of it.
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise InvalidArtifactName(f"artifact {name!r} resolves outside the job's folder")
+        return path
+
+    def path_for(self, job_id: str, name: str) -> Path:
+        """Where artifact ``name`` of ``job_id`` lives; its parent folder is created."""
+        self.job_dir(job_id)
+        path = self._resolve(job_id, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def open_existing(self, job_id: str, name: str) -> Path:
+        """The path of an artifact that exists as a regular file; ArtifactNotFound otherwise."""
+        path = self._resolve(job_id, name)
+        if not path.is_file():
+            raise ArtifactNotFound(f"job {job_id} has no artifact {name!r}")
+        return path
+
+    @staticmethod
+    def describe(path: Path) -> tuple[int, str]:
+        """(size in bytes, sha256 hex digest) of the file at ``path``."""
+        digest = hashlib.sha256()
+        size = 0
+        with path.open("rb") as src:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        return size, digest.hexdigest()
+
+    def delete_job(self, job_id: str) -> None:
+        """Remove the job's folder and everything in it; nothing happens if it is missing."""
+        folder = self._job_root(job_id)
+        if folder.is_symlink():
+            folder.unlink()
+        elif folder.exists():
+            shutil.rmtree(folder)
