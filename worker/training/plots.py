@@ -1,0 +1,97 @@
+"""The run's PNG figures, drawn with matplotlib's object API on the Agg canvas."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from worker.training.data import MnistSplit
+from worker.training.metrics import MetricPoint
+
+ROWS, COLS = 3, 4
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Render to PNG under a temp name, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    FigureCanvasAgg(fig)
+    fig.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
+
+
+def _image_grid(images: torch.Tensor, titles: Sequence[str], colors: Sequence[str]) -> Figure:
+    """A 3x4 grid of digits, each under its own title."""
+    fig = Figure(figsize=(8, 6.5), layout="constrained")
+    for i, (image, title, color) in enumerate(zip(images, titles, colors, strict=False)):
+        ax = fig.add_subplot(ROWS, COLS, i + 1)
+        ax.imshow(image[0].cpu().numpy(), cmap="gray", interpolation="none")
+        ax.set_title(title, color=color, fontsize=12)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig
+
+
+def save_examples(split: MnistSplit, path: Path) -> None:
+    """``examples.png``: the first 12 training images with their labels, as the seed draws."""
+    n = ROWS * COLS
+    titles = [f"Ground Truth: {int(label)}" for label in split.labels[:n]]
+    _save(_image_grid(split.images[:n], titles, ["black"] * n), path)
+
+
+def save_loss_curve(metrics: Sequence[MetricPoint], path: Path) -> None:
+    """``loss_curve.png``: train loss against examples seen, test loss per epoch as dots."""
+    train = [p for p in metrics if p.kind == "train"]
+    test = [p for p in metrics if p.kind == "test"]
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(
+        [p.samples_seen for p in train],
+        [p.loss for p in train],
+        color="tab:blue",
+        linewidth=1,
+        label="Train loss",
+    )
+    ax.scatter(
+        [p.samples_seen for p in test],
+        [p.loss for p in test],
+        color="tab:red",
+        zorder=3,
+        s=40,
+        label="Test loss (end of epoch)",
+    )
+    ax.set_xlabel("number of training examples seen")
+    ax.set_ylabel("negative log likelihood loss")
+    ax.set_title("Loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    _save(fig, path)
+
+
+@torch.inference_mode()
+def save_predictions(model: torch.nn.Module, split: MnistSplit, path: Path) -> None:
+    """``predictions.png``: test images with the model's guesses; mistakes in red."""
+    n = ROWS * COLS
+    model.eval()
+    head = split.head(500)
+    predicted = model(head.images).argmax(dim=1).cpu()
+    labels = head.labels.cpu()
+    wrong = (predicted != labels).nonzero().flatten().tolist()[: n // 3]
+    right = [i for i in range(len(labels)) if i not in wrong][: n - len(wrong)]
+    chosen = sorted(right + wrong)
+    titles = [_prediction_title(int(predicted[i]), int(labels[i])) for i in chosen]
+    colors = ["black" if i not in wrong else "red" for i in chosen]
+    _save(_image_grid(head.images[chosen], titles, colors), path)
+
+
+def _prediction_title(predicted: int, label: int) -> str:
+    """ "Prediction: n", plus the true label when the prediction is wrong."""
+    return (
+        f"Prediction: {predicted}"
+        if predicted == label
+        else f"Prediction: {predicted} (true {label})"
+    )
