@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import unicodedata
+from datetime import datetime
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ModelName = Literal["tutorial_cnn", "fast_cnn"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -28,3 +37,217 @@ class Hyperparameters(BaseModel):
     optimizer: OptimizerName = Field("sgd", description="optimizer")
     weight_decay: float = Field(0.0, ge=0, le=1, description="L2 penalty")
     device: Device = Field("auto", description="auto picks CUDA when the worker has it")
+
+
+# --- HTTP request and response bodies (the OpenAPI document is generated from these) -------
+
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ArtifactKind = Literal["checkpoint", "model", "plot", "log"]
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+def _printable(value: str | None) -> str | None:
+    """Refuse control characters and lone surrogates, which no database column can store."""
+    if value is not None and any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
+        raise ValueError("must not contain control characters or lone surrogates")
+    return value
+
+
+class ResumeFrom(BaseModel):
+    """Continue training from an epoch checkpoint of an earlier job."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN, description="the job whose checkpoint to load")
+    epoch: int | None = Field(
+        None, ge=1, le=100, description="checkpoint epoch; the newest checkpoint when omitted"
+    )
+
+
+class JobCreate(BaseModel):
+    """The body of POST /api/v1/jobs."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    name: str | None = Field(None, max_length=200, description="a label for people")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=lambda: Hyperparameters(),
+        description="omitted keys take the seed recipe's values",
+    )
+    device: Device | None = Field(
+        None, description="shorthand for hyperparameters.device; both given must agree"
+    )
+    resume_from: ResumeFrom | None = None
+
+    _check_name = field_validator("name")(_printable)
+
+    @field_validator("device")
+    @classmethod
+    def _device_agrees(cls, device: Device | None, info: ValidationInfo) -> Device | None:
+        hp = info.data.get("hyperparameters")
+        if device and hp and "device" in hp.model_fields_set and hp.device != device:
+            raise ValueError(f"{device!r} conflicts with hyperparameters.device {hp.device!r}")
+        return device
+
+    @model_validator(mode="after")
+    def _merge_device(self) -> JobCreate:
+        # One place holds the device from here on: the hyperparameters the worker reads.
+        if self.device is not None and self.device != self.hyperparameters.device:
+            self.hyperparameters = self.hyperparameters.model_copy(update={"device": self.device})
+        self.device = self.hyperparameters.device
+        return self
+
+
+class ListJobsQuery(BaseModel):
+    """Query parameters of GET /api/v1/jobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: list[JobStatusName] | None = Field(None, description="repeat to match several")
+    limit: int | None = Field(None, ge=1, le=500, description="page size")
+    cursor: str | None = Field(None, max_length=512, description="next_cursor of the last page")
+
+
+class ProgressOut(BaseModel):
+    """How far a job is: the latest progress the worker wrote."""
+
+    epoch: int
+    n_epochs: int
+    step: int
+    steps_per_epoch: int
+    samples_seen: int
+    total_samples: int
+    fraction: float = Field(description="samples_seen / total_samples, 0..1")
+    samples_per_second: float | None
+    eta_seconds: float | None = Field(description="remaining samples at the current speed")
+
+
+class TestMetricOut(BaseModel):
+    """One epoch's evaluation on the test set."""
+
+    epoch: int
+    loss: float
+    accuracy: float | None
+
+
+class MetricPointOut(BaseModel):
+    """One point of a metric series."""
+
+    epoch: int
+    step: int
+    samples_seen: int
+    loss: float
+    accuracy: float | None
+    seconds: float
+
+
+class MetricsOut(BaseModel):
+    """The train-loss series (every log interval) and the test series (every epoch)."""
+
+    job_id: str
+    train: list[MetricPointOut]
+    test: list[MetricPointOut]
+
+
+class JobErrorOut(BaseModel):
+    """Why a job failed."""
+
+    message: str | None
+    traceback: str | None
+
+
+class ResumeFromOut(BaseModel):
+    """The checkpoint a job started from."""
+
+    job_id: str
+    epoch: int | None
+
+
+class ArtifactOut(BaseModel):
+    """A file a job produced, with where to download it."""
+
+    name: str
+    kind: str
+    size: int
+    sha256: str
+    created_at: datetime
+    url: str
+
+
+class ArtifactListOut(BaseModel):
+    """The artifacts of one job."""
+
+    job_id: str
+    items: list[ArtifactOut]
+
+
+class JobLinksOut(BaseModel):
+    """Where to go next from a job."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    self_: str = Field(alias="self")
+    metrics: str
+    artifacts: str
+    cancel: str
+
+
+class JobOut(BaseModel):
+    """A job as the API shows it."""
+
+    id: str
+    name: str | None
+    status: JobStatusName
+    hyperparameters: dict[str, Any]
+    device_requested: str
+    device_used: str | None
+    queue: str
+    priority: int
+    attempt: int
+    worker: str | None
+    cancel_requested: bool
+    created_at: datetime
+    queued_at: datetime | None
+    published_at: datetime | None
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+    progress: ProgressOut
+    train_loss: float | None
+    test_loss: float | None
+    test_accuracy: float | None
+    test_metrics: list[TestMetricOut]
+    error: JobErrorOut | None
+    resume_from: ResumeFromOut | None
+    artifacts: list[ArtifactOut]
+    links: JobLinksOut
+
+
+class JobPageOut(BaseModel):
+    """One page of the job list, newest first."""
+
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null at end")
+
+
+class ErrorOut(BaseModel):
+    """Every error response."""
+
+    error: str = Field(description="a short code, e.g. validation_error")
+    message: str = Field(description="a sentence for people")
+    details: Any = Field(None, description="for validation errors: [{loc, msg, type}]")
+
+
+class ComponentHealthOut(BaseModel):
+    """Whether one dependency answered."""
+
+    ok: bool
+    error: str | None = None
+
+
+class HealthOut(BaseModel):
+    """Reachability of the database and the broker."""
+
+    status: Literal["ok", "unavailable"]
+    database: ComponentHealthOut
+    broker: ComponentHealthOut
