@@ -71,7 +71,7 @@ class JobCreate(BaseModel):
 
     name: str | None = Field(None, max_length=200, description="a label for people")
     hyperparameters: Hyperparameters = Field(
-        default_factory=lambda: Hyperparameters(),
+        default_factory=lambda: Hyperparameters.model_validate({}),
         description="omitted keys take the seed recipe's values",
     )
     device: Device | None = Field(
