@@ -1,0 +1,312 @@
+"""The API side of the job state machine: create, cancel, mark published, list and look up."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.artifacts import ArtifactNotFound, validate_name
+from shared.celery_app import queue_for_device
+from shared.models import Artifact, Job, JobStatus, Metric, utcnow
+from shared.schemas import JOB_ID_PATTERN, JobCreate
+
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+_CHECKPOINT = re.compile(r"checkpoints/epoch-(\d+)\.pt")
+
+Loc = tuple[str | int, ...]
+
+
+class JobNotFound(LookupError):
+    """No job has this id."""
+
+
+class JobConflict(Exception):
+    """The job is in a state that does not allow the request, e.g. cancelling a finished job."""
+
+
+class IdempotencyKeyReused(Exception):
+    """An Idempotency-Key already used for a request with a different body."""
+
+
+class InvalidCursor(ValueError):
+    """A pagination cursor this API did not hand out."""
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One field of a request that the database, not the schema, showed to be wrong."""
+
+    loc: Loc
+    msg: str
+
+
+class InvalidJobRequest(ValueError):
+    """A well-formed request that names something unusable (e.g. a missing checkpoint)."""
+
+    def __init__(self, loc: Loc, msg: str) -> None:
+        super().__init__(f"{'.'.join(map(str, loc))}: {msg}")
+        self.errors = [FieldError(loc, msg)]
+
+
+def checkpoint_name(epoch: int) -> str:
+    """The artifact name of the checkpoint written after ``epoch``."""
+    return f"checkpoints/epoch-{epoch}.pt"
+
+
+def request_digest(body: JobCreate) -> str:
+    """sha256 of the validated request, the same for equal requests whatever their key order."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    """The job ``job_id``; JobNotFound if there is none (or the id could not be one)."""
+    # Checking the shape first keeps NUL bytes and megabyte ids away from the database.
+    job = session.get(Job, job_id) if _JOB_ID.fullmatch(job_id) else None
+    if job is None:
+        raise JobNotFound(f"no job with id {job_id!r}")
+    return job
+
+
+def create_job(
+    session: Session, body: JobCreate, *, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """Store a queued job and commit; (job, True), or (earlier job, False) on a replayed key."""
+    digest = request_digest(body)
+    if idempotency_key is not None:
+        earlier = _by_key(session, idempotency_key)
+        if earlier is not None:
+            return _replay(earlier, digest), False
+    resume_epoch = _resume_epoch(session, body)
+    job = _new_job(body, resume_epoch, idempotency_key, digest)
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        # Two requests with the same key raced; the other one's row won.
+        session.rollback()
+        earlier = _by_key(session, idempotency_key) if idempotency_key else None
+        if earlier is None:
+            raise
+        return _replay(earlier, digest), False
+    return job, True
+
+
+def _new_job(body: JobCreate, resume_epoch: int | None, key: str | None, digest: str) -> Job:
+    hp = body.hyperparameters
+    return Job(
+        name=body.name,
+        status=JobStatus.QUEUED,
+        hyperparameters=hp.model_dump(mode="json"),
+        device_requested=hp.device,
+        queue=queue_for_device(hp.device),
+        n_epochs=hp.n_epochs,
+        resume_from_job_id=body.resume_from.job_id if body.resume_from else None,
+        resume_from_epoch=resume_epoch,
+        idempotency_key=key,
+        request_hash=digest,
+    )
+
+
+def _by_key(session: Session, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+
+
+def _replay(earlier: Job, digest: str) -> Job:
+    if earlier.request_hash != digest:
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key was already used for job {earlier.id} with a different body"
+        )
+    return earlier
+
+
+def checkpoint_epochs(session: Session, job_id: str) -> list[int]:
+    """The epochs that ``job_id`` has a checkpoint artifact for, ascending."""
+    names = session.scalars(
+        select(Artifact.name).where(Artifact.job_id == job_id, Artifact.kind == "checkpoint")
+    )
+    return sorted(int(m.group(1)) for n in names if (m := _CHECKPOINT.fullmatch(n)))
+
+
+def _resume_epoch(session: Session, body: JobCreate) -> int | None:
+    """The checkpoint epoch a resumed job starts from; InvalidJobRequest if it cannot."""
+    if body.resume_from is None:
+        return None
+    source = session.get(Job, body.resume_from.job_id)
+    if source is None:
+        raise InvalidJobRequest(("resume_from", "job_id"), "no job with this id")
+    epochs = checkpoint_epochs(session, source.id)
+    wanted = body.resume_from.epoch
+    if wanted is None and not epochs:
+        raise InvalidJobRequest(("resume_from", "job_id"), "this job has no checkpoint yet")
+    if wanted is not None and wanted not in epochs:
+        raise InvalidJobRequest(
+            ("resume_from", "epoch"), f"no checkpoint for this epoch; there are {epochs}"
+        )
+    epoch = wanted if wanted is not None else epochs[-1]
+    _check_resumable(body, source, epoch)
+    return epoch
+
+
+def _check_resumable(body: JobCreate, source: Job, epoch: int) -> None:
+    hp = body.hyperparameters
+    if hp.n_epochs <= epoch:
+        raise InvalidJobRequest(
+            ("hyperparameters", "n_epochs"),
+            f"must be greater than the checkpoint's epoch {epoch}: "
+            f"the job trains epochs {epoch + 1} to n_epochs",
+        )
+    source_model = source.hyperparameters.get("model")
+    if source_model is not None and source_model != hp.model:
+        raise InvalidJobRequest(
+            ("hyperparameters", "model"), f"must be the checkpoint's model {source_model!r}"
+        )
+
+
+def request_cancel(session: Session, job_id: str) -> Job:
+    """Cancel a queued job at once, flag a running one; JobConflict for a finished one."""
+    get_job(session, job_id)
+    cancelled = _update_where(
+        session,
+        job_id,
+        JobStatus.QUEUED,
+        status=JobStatus.CANCELLED,
+        cancel_requested=True,
+        finished_at=utcnow(),
+    )
+    flagged = cancelled or _update_where(session, job_id, JobStatus.RUNNING, cancel_requested=True)
+    session.commit()
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise JobNotFound(f"no job with id {job_id!r}")
+    if not flagged:
+        raise JobConflict(
+            f"job {job_id} is {job.status}; only queued or running jobs can be cancelled"
+        )
+    return job
+
+
+def _update_where(session: Session, job_id: str, in_status: str, **values: Any) -> bool:
+    """A conditional UPDATE: True if the job was in ``in_status`` and changed."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == in_status)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    result = cast(CursorResult[Any], session.execute(stmt))
+    return result.rowcount == 1
+
+
+def mark_published(session: Session, job_id: str) -> None:
+    """Record that the broker took the job's message, so the reaper leaves it alone."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id)
+        .values(published_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(stmt)
+    session.commit()
+
+
+def encode_cursor(job: Job) -> str:
+    """An opaque cursor that continues a listing after ``job``."""
+    created = _aware(job.created_at).isoformat()
+    raw = json.dumps([created, job.id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """(created_at, id) from a cursor made by encode_cursor; InvalidCursor otherwise."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, job_id = json.loads(raw)
+        when = _aware(datetime.fromisoformat(created))
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise InvalidCursor("cursor is not one this API handed out") from exc
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise InvalidCursor("cursor is not one this API handed out")
+    return when, job_id
+
+
+def _aware(when: datetime) -> datetime:
+    # SQLite hands timestamps back without a zone; every timestamp mnistq writes is UTC.
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def list_jobs(
+    session: Session,
+    *,
+    statuses: Sequence[str] | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """One page of jobs, newest first, and the cursor of the next page (None at the end)."""
+    stmt = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    if statuses:
+        stmt = stmt.where(Job.status.in_(statuses))
+    if cursor is not None:
+        created, job_id = decode_cursor(cursor)
+        stmt = stmt.where(
+            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id))
+        )
+    jobs = list(session.scalars(stmt))
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    return jobs, encode_cursor(jobs[-1]) if more else None
+
+
+def epoch_results(session: Session, job_ids: Iterable[str]) -> dict[str, list[Metric]]:
+    """The test-set metrics of each job, by epoch, in one query."""
+    ids = list(job_ids)
+    results: dict[str, list[Metric]] = {job_id: [] for job_id in ids}
+    if not ids:
+        return results
+    stmt = (
+        select(Metric)
+        .where(Metric.job_id.in_(ids), Metric.kind == "test")
+        .order_by(Metric.epoch, Metric.id)
+    )
+    for metric in session.scalars(stmt):
+        results[metric.job_id].append(metric)
+    return results
+
+
+def artifacts_of(session: Session, job_ids: Iterable[str]) -> dict[str, list[Artifact]]:
+    """The artifact rows of each job, by name, in one query."""
+    ids = list(job_ids)
+    found: dict[str, list[Artifact]] = {job_id: [] for job_id in ids}
+    if not ids:
+        return found
+    stmt = select(Artifact).where(Artifact.job_id.in_(ids)).order_by(Artifact.name)
+    for artifact in session.scalars(stmt):
+        found[artifact.job_id].append(artifact)
+    return found
+
+
+def metric_series(session: Session, job_id: str) -> tuple[list[Metric], list[Metric]]:
+    """(train, test) metric rows of a job in the order they were logged."""
+    stmt = select(Metric).where(Metric.job_id == job_id).order_by(Metric.step, Metric.id)
+    rows = list(session.scalars(stmt))
+    return [m for m in rows if m.kind == "train"], [m for m in rows if m.kind == "test"]
+
+
+def get_artifact(session: Session, job_id: str, name: str) -> Artifact:
+    """The artifact row ``name`` of ``job_id``; ArtifactNotFound if the job has none."""
+    stmt = select(Artifact).where(Artifact.job_id == job_id, Artifact.name == validate_name(name))
+    artifact = session.scalars(stmt).one_or_none()
+    if artifact is None:
+        raise ArtifactNotFound(f"job {job_id} has no artifact {name!r}")
+    return artifact
