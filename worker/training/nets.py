@@ -21,7 +21,7 @@ class Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(F.max_pool2d(self.conv1(x), 2))  # (B, 10, 12, 12)
         x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))  # (B, 20, 4, 4)
-        x = x.view(-1, 320)
+        x = x.reshape(-1, 320)  # the tutorial views; reshape also takes channels-last input
         x = F.relu(self.fc1(x))
         x = F.dropout(x, training=self.training)
         x = self.fc2(x)
