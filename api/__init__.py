@@ -1,0 +1,37 @@
+"""The mnistq HTTP API: a Flask app factory with one blueprint per resource."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from flask import Flask
+
+from shared.artifacts import ArtifactStore
+from shared.celery_app import make_celery, publish_train
+from shared.config import Settings, get_settings
+
+Publish = Callable[[str, str], None]
+
+
+def celery_publisher(settings: Settings) -> Publish:
+    """publish(job_id, queue) through a Celery app for ``settings`` (send_task by name)."""
+    return functools.partial(publish_train, make_celery(settings))
+
+
+def create_app(settings: Settings | None = None, *, publish: Publish | None = None) -> Flask:
+    """Build the API for ``settings`` (default: from the environment); tests pass ``publish``."""
+    from api import artifacts, db, errors, health, jobs, openapi
+
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions[jobs.SETTINGS_KEY] = settings
+    app.extensions[jobs.PUBLISH_KEY] = publish or celery_publisher(settings)
+    app.extensions[artifacts.STORE_KEY] = ArtifactStore(settings.artifact_dir)
+    db.init_app(app, settings.database_url)
+    errors.init_app(app)
+    for blueprint in (jobs.bp, artifacts.bp, health.bp, openapi.bp):
+        app.register_blueprint(blueprint)
+    return app

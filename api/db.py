@@ -1,0 +1,53 @@
+"""The database engine of the app and one session per request, closed at teardown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, current_app, g
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import make_engine, make_session_factory
+
+ENGINE_KEY = "mnistq.engine"
+SESSIONS_KEY = "mnistq.sessions"
+CONNECT_TIMEOUT_SECONDS = 5
+
+
+def _engine_options(database_url: str) -> dict[str, Any]:
+    # A database that does not answer should cost a request seconds, not minutes.
+    if make_url(database_url).get_backend_name() == "postgresql":
+        return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_SECONDS}}
+    return {}
+
+
+def init_app(app: Flask, database_url: str) -> None:
+    """Give ``app`` an engine and a session factory and close sessions after each request."""
+    engine = make_engine(database_url, **_engine_options(database_url))
+    app.extensions[ENGINE_KEY] = engine
+    app.extensions[SESSIONS_KEY] = make_session_factory(engine)
+    app.teardown_appcontext(close_session)
+
+
+def get_engine() -> Engine:
+    """The current app's engine."""
+    engine: Engine = current_app.extensions[ENGINE_KEY]
+    return engine
+
+
+def get_session() -> Session:
+    """The session of the current request, opened on first use."""
+    if "db_session" not in g:
+        factory: sessionmaker[Session] = current_app.extensions[SESSIONS_KEY]
+        g.db_session = factory()
+    session: Session = g.db_session
+    return session
+
+
+def close_session(_exc: BaseException | None = None) -> None:
+    """Close the request's session; anything not committed is rolled back."""
+    session: Session | None = g.pop("db_session", None)
+    if session is not None:
+        session.close()

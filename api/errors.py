@@ -1,0 +1,128 @@
+"""Every error as JSON ``{"error", "message", "details"}``, mapped from exceptions in one place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from pydantic import ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
+
+from shared.artifacts import ArtifactNotFound, InvalidArtifactName
+from shared.celery_app import BrokerUnavailable
+from shared.jobs import (
+    IdempotencyKeyReused,
+    InvalidCursor,
+    InvalidJobRequest,
+    JobConflict,
+    JobNotFound,
+)
+
+logger = logging.getLogger(__name__)
+
+Loc = Sequence[str | int]
+
+
+class ApiError(Exception):
+    """An error response: HTTP status, short code, sentence and optional details."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def field_error(loc: Loc, msg: str, kind: str = "value_error") -> dict[str, Any]:
+    """One entry of a validation error's details."""
+    return {"loc": list(loc), "msg": msg, "type": kind}
+
+
+def validation_failed(errors: list[dict[str, Any]]) -> ApiError:
+    """A 422 that names every bad field in its message and its details."""
+    named = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+    noun = "field is" if len(errors) == 1 else "fields are"
+    return ApiError(422, "validation_error", f"{len(errors)} {noun} invalid: {named}", errors)
+
+
+def from_pydantic(exc: ValidationError, where: str) -> ApiError:
+    """A 422 from pydantic's errors, each loc prefixed with body, query or header."""
+    # The offending input is left out: it can be huge, and the loc already names it.
+    errors = [field_error([where, *e["loc"]], e["msg"], e["type"]) for e in exc.errors()]
+    return validation_failed(errors)
+
+
+def error_response(status: int, code: str, message: str, details: Any = None) -> Response:
+    """The JSON response every error uses."""
+    response = jsonify({"error": code, "message": message, "details": details})
+    response.status_code = status
+    return response
+
+
+def _api_error(exc: ApiError) -> Response:
+    return error_response(exc.status, exc.code, exc.message, exc.details)
+
+
+def _http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    code = (exc.name or "error").lower().replace(" ", "_")
+    message = exc.description or exc.name or "error"
+    if isinstance(exc, RequestEntityTooLarge):
+        code, message = "payload_too_large", "the request body is larger than this API accepts"
+    response = error_response(status, code, message)
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+    return response
+
+
+def _invalid_request(exc: InvalidJobRequest) -> Response:
+    errors = [field_error(["body", *e.loc], e.msg) for e in exc.errors]
+    return _api_error(validation_failed(errors))
+
+
+def _invalid_cursor(exc: InvalidCursor) -> Response:
+    return _api_error(validation_failed([field_error(["query", "cursor"], str(exc))]))
+
+
+def _database_down(exc: Exception) -> Response:
+    logger.warning("database unavailable: %s", exc)
+    return error_response(503, "database_unavailable", "the database is not reachable right now")
+
+
+def _broker_down(exc: BrokerUnavailable) -> Response:
+    logger.warning("broker unavailable: %s", exc)
+    return error_response(503, "broker_unavailable", "the message broker is not reachable")
+
+
+def _unexpected(exc: Exception) -> Response:
+    logger.exception("unhandled error")
+    return error_response(500, "internal_error", "an unexpected error occurred; it was logged")
+
+
+def _simple(status: int, code: str) -> Any:
+    def handler(exc: Exception) -> Response:
+        return error_response(status, code, str(exc))
+
+    return handler
+
+
+def init_app(app: Flask) -> None:
+    """Register the JSON error handlers on ``app``."""
+    app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(JobNotFound, _simple(404, "job_not_found"))
+    app.register_error_handler(ArtifactNotFound, _simple(404, "artifact_not_found"))
+    app.register_error_handler(InvalidArtifactName, _simple(400, "invalid_artifact_name"))
+    app.register_error_handler(JobConflict, _simple(409, "job_state_conflict"))
+    app.register_error_handler(IdempotencyKeyReused, _simple(422, "idempotency_key_reused"))
+    app.register_error_handler(InvalidJobRequest, _invalid_request)
+    app.register_error_handler(InvalidCursor, _invalid_cursor)
+    for db_error in (OperationalError, InterfaceError, PoolTimeout):
+        app.register_error_handler(db_error, _database_down)
+    app.register_error_handler(BrokerUnavailable, _broker_down)
+    app.register_error_handler(Exception, _unexpected)

@@ -1,0 +1,115 @@
+"""Routes of the job resource: submit, list, show, cancel and the metric series."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, current_app, url_for
+from flask.typing import ResponseReturnValue
+from sqlalchemy.orm import Session
+
+from api.db import get_session
+from api.inputs import IDEMPOTENCY_HEADER, idempotency_key, json_body, query_args
+from api.openapi import operation
+from api.serialize import dump, job_json, jobs_json, metric_out
+from shared.celery_app import BrokerUnavailable
+from shared.config import Settings
+from shared.jobs import (
+    create_job,
+    get_job,
+    list_jobs,
+    mark_published,
+    metric_series,
+    request_cancel,
+)
+from shared.models import Job
+from shared.schemas import JobCreate, JobOut, JobPageOut, ListJobsQuery, MetricsOut
+
+logger = logging.getLogger(__name__)
+bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
+
+PUBLISH_KEY = "mnistq.publish"
+SETTINGS_KEY = "mnistq.settings"
+
+
+def _publish(session: Session, job: Job) -> None:
+    """Tell the workers; a broker outage leaves published_at NULL for the reaper to retry."""
+    try:
+        current_app.extensions[PUBLISH_KEY](job.id, job.queue)
+    except BrokerUnavailable as exc:
+        logger.warning("job %s stored but not published (broker down): %s", job.id, exc)
+        return
+    mark_published(session, job.id)
+    session.refresh(job)
+
+
+@bp.post("")
+@operation(
+    summary="Submit a training job",
+    body=JobCreate,
+    headers={IDEMPOTENCY_HEADER: "repeat a submission safely: the same key returns the same job"},
+    responses={201: JobOut, 200: JobOut},
+    errors=(400, 413, 422, 503),
+)
+def create() -> ResponseReturnValue:
+    """Validate and store a job, then publish it; 201, or 200 when the key was seen before."""
+    body = json_body(JobCreate)
+    key = idempotency_key()
+    session = get_session()
+    # The row is committed before publishing (outbox): a lost message is re-sent by the
+    # reaper, a message for a row that does not exist could not be.
+    job, created = create_job(session, body, idempotency_key=key)
+    if created:
+        _publish(session, job)
+    location = url_for("jobs.get", job_id=job.id)
+    return job_json(session, job), 201 if created else 200, {"Location": location}
+
+
+@bp.get("")
+@operation(
+    summary="List jobs, newest first",
+    query=ListJobsQuery,
+    responses={200: JobPageOut},
+    errors=(422, 503),
+)
+def index() -> ResponseReturnValue:
+    """One page of jobs, optionally only those in the given states."""
+    query = query_args(ListJobsQuery)
+    settings: Settings = current_app.extensions[SETTINGS_KEY]
+    session = get_session()
+    jobs, cursor = list_jobs(
+        session,
+        statuses=query.status,
+        limit=query.limit or settings.page_size,
+        cursor=query.cursor,
+    )
+    return {"items": jobs_json(session, jobs), "next_cursor": cursor}
+
+
+@bp.get("/<job_id>")
+@operation(summary="Show a job", responses={200: JobOut}, errors=(404, 503))
+def get(job_id: str) -> ResponseReturnValue:
+    """Status, progress, results, artifacts and links of one job."""
+    session = get_session()
+    return job_json(session, get_job(session, job_id))
+
+
+@bp.post("/<job_id>/cancel")
+@operation(summary="Cancel a job", responses={202: JobOut}, errors=(404, 409, 503))
+def cancel(job_id: str) -> ResponseReturnValue:
+    """Cancel a queued job now or ask a running one to stop; 409 for a finished job."""
+    session = get_session()
+    return job_json(session, request_cancel(session, job_id)), 202
+
+
+@bp.get("/<job_id>/metrics")
+@operation(summary="Metric series of a job", responses={200: MetricsOut}, errors=(404, 503))
+def metrics(job_id: str) -> ResponseReturnValue:
+    """The train-loss series and the per-epoch test series."""
+    session = get_session()
+    job = get_job(session, job_id)
+    train, test = metric_series(session, job.id)
+    out = MetricsOut(
+        job_id=job.id, train=[metric_out(m) for m in train], test=[metric_out(m) for m in test]
+    )
+    return dump(out)

@@ -1,0 +1,159 @@
+"""The JSON shapes of jobs, metrics and artifacts, built through the response schemas."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, overload
+
+from flask import url_for
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
+
+from shared.jobs import artifacts_of, epoch_results
+from shared.models import Artifact, Job, JobStatus, Metric
+from shared.schemas import (
+    ArtifactOut,
+    JobErrorOut,
+    JobLinksOut,
+    JobOut,
+    MetricPointOut,
+    ProgressOut,
+    ResumeFromOut,
+    TestMetricOut,
+)
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """A response model as JSON-ready data (ISO 8601 timestamps, aliases like ``self``)."""
+    return model.model_dump(mode="json", by_alias=True)
+
+
+@overload
+def utc(when: datetime) -> datetime: ...
+@overload
+def utc(when: None) -> None: ...
+def utc(when: datetime | None) -> datetime | None:
+    """``when`` as an aware UTC datetime; SQLite returns them without a zone."""
+    if when is None:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def progress_out(job: Job) -> ProgressOut:
+    """Progress with the completed fraction and, while running, an ETA."""
+    total, seen, speed = job.total_samples, job.samples_seen, job.samples_per_second
+    if total > 0:
+        fraction = min(1.0, seen / total)
+    else:
+        fraction = 1.0 if job.status == JobStatus.SUCCEEDED else 0.0
+    running = job.status == JobStatus.RUNNING
+    eta = max(0.0, (total - seen) / speed) if running and speed and total > 0 else None
+    return ProgressOut(
+        epoch=job.epoch,
+        n_epochs=job.n_epochs,
+        step=job.step,
+        steps_per_epoch=job.steps_per_epoch,
+        samples_seen=seen,
+        total_samples=total,
+        fraction=fraction,
+        samples_per_second=speed,
+        eta_seconds=eta,
+    )
+
+
+def artifact_out(artifact: Artifact) -> ArtifactOut:
+    """An artifact row with its download URL."""
+    url = url_for("artifacts.download", job_id=artifact.job_id, name=artifact.name)
+    return ArtifactOut(
+        name=artifact.name,
+        kind=artifact.kind,
+        size=artifact.size,
+        sha256=artifact.sha256,
+        created_at=utc(artifact.created_at),
+        url=url,
+    )
+
+
+def metric_out(metric: Metric) -> MetricPointOut:
+    """One metric row as a series point."""
+    return MetricPointOut(
+        epoch=metric.epoch,
+        step=metric.step,
+        samples_seen=metric.samples_seen,
+        loss=metric.loss,
+        accuracy=metric.accuracy,
+        seconds=metric.seconds,
+    )
+
+
+def _test_metric(metric: Metric) -> TestMetricOut:
+    return TestMetricOut(epoch=metric.epoch, loss=metric.loss, accuracy=metric.accuracy)
+
+
+def _links(job_id: str) -> JobLinksOut:
+    links = {
+        "self": url_for("jobs.get", job_id=job_id),
+        "metrics": url_for("jobs.metrics", job_id=job_id),
+        "artifacts": url_for("artifacts.index", job_id=job_id),
+        "cancel": url_for("jobs.cancel", job_id=job_id),
+    }
+    return JobLinksOut.model_validate(links)
+
+
+def _error(job: Job) -> JobErrorOut | None:
+    if job.error_message is None and job.error_traceback is None:
+        return None
+    return JobErrorOut(message=job.error_message, traceback=job.error_traceback)
+
+
+def _resume(job: Job) -> ResumeFromOut | None:
+    if job.resume_from_job_id is None:
+        return None
+    return ResumeFromOut(job_id=job.resume_from_job_id, epoch=job.resume_from_epoch)
+
+
+def job_out(job: Job, artifacts: Sequence[Artifact], tests: Sequence[Metric]) -> JobOut:
+    """A job row with its artifacts and per-epoch test results as the API shows it."""
+    return JobOut(
+        id=job.id,
+        name=job.name,
+        status=JobStatus(job.status).value,
+        hyperparameters=job.hyperparameters,
+        device_requested=job.device_requested,
+        device_used=job.device_used,
+        queue=job.queue,
+        priority=job.priority,
+        attempt=job.attempt,
+        worker=job.worker_hostname,
+        cancel_requested=job.cancel_requested,
+        created_at=utc(job.created_at),
+        queued_at=utc(job.queued_at),
+        published_at=utc(job.published_at),
+        started_at=utc(job.started_at),
+        heartbeat_at=utc(job.heartbeat_at),
+        finished_at=utc(job.finished_at),
+        progress=progress_out(job),
+        train_loss=job.train_loss,
+        test_loss=job.test_loss,
+        test_accuracy=job.test_accuracy,
+        test_metrics=[
+            TestMetricOut(epoch=m.epoch, loss=m.loss, accuracy=m.accuracy) for m in tests
+        ],
+        error=_error(job),
+        resume_from=_resume(job),
+        artifacts=[artifact_out(a) for a in artifacts],
+        links=_links(job.id),
+    )
+
+
+def jobs_json(session: Session, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    """Jobs as JSON, loading their artifacts and test results in two queries in all."""
+    ids = [job.id for job in jobs]
+    artifacts, tests = artifacts_of(session, ids), epoch_results(session, ids)
+    return [dump(job_out(job, artifacts[job.id], tests[job.id])) for job in jobs]
+
+
+def job_json(session: Session, job: Job) -> dict[str, Any]:
+    """One job as JSON."""
+    return jobs_json(session, [job])[0]
