@@ -1,0 +1,447 @@
+"""The worker side of the job state machine: claim, heartbeat, fenced writes, requeue.
+
+Every write a worker makes after its claim is guarded by ``WHERE lease_token = :mine``
+(fencing): a worker whose lease expired and was handed to someone else writes nothing
+more. The reaper's updates are conditional too, so two reapers at once are harmless.
+Clocks: leases are stamped with the writer's UTC clock; hosts must agree to well within
+``lease_seconds`` (NTP).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, CursorResult, Update, delete, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import transaction
+from shared.models import Artifact, Job, JobStatus, Metric, utcnow
+
+logger = logging.getLogger(__name__)
+
+SessionFactory = sessionmaker[Session]
+
+# How much of a traceback a failed job keeps: the end is where the cause is.
+TRACEBACK_TAIL_CHARS = 8000
+# The longest a queued row waits between re-publications, in grace periods.
+MAX_REPUBLISH_BACKOFF = 16
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Proof that this worker runs ``job_id`` now: the token every later write is fenced by."""
+
+    job_id: str
+    token: str
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    """What a heartbeat learnt: the lease is gone, or the user asked to cancel."""
+
+    lost: bool
+    cancel_requested: bool
+
+    @property
+    def ok(self) -> bool:
+        """True when the job should keep running."""
+        return not (self.lost or self.cancel_requested)
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """Where a running job is; written to the job row at every log interval."""
+
+    epoch: int
+    n_epochs: int
+    step: int
+    steps_per_epoch: int
+    samples_seen: int
+    total_samples: int
+    samples_per_second: float | None
+    train_loss: float | None
+
+
+@dataclass(frozen=True)
+class MetricRecord:
+    """One metric row to insert (a train loss every log interval, or an epoch's test result)."""
+
+    kind: str
+    epoch: int
+    step: int
+    samples_seen: int
+    loss: float
+    accuracy: float | None
+    seconds: float
+
+
+def _mine(lease: Lease) -> ColumnElement[bool]:
+    return (Job.id == lease.job_id) & (Job.lease_token == lease.token)
+
+
+def _changed_one(session: Session, statement: Update) -> bool:
+    """Run a conditional UPDATE; True when it changed exactly one row."""
+    result = session.execute(statement, execution_options={"synchronize_session": False})
+    return cast("CursorResult[Any]", result).rowcount == 1
+
+
+def _fence(session: Session, lease: Lease) -> bool:
+    """Check (and on PostgreSQL lock) the row still carries our token, for this transaction."""
+    # A no-op UPDATE rather than a SELECT: it takes the row lock, so a reaper cannot
+    # take the lease away between this check and our commit.
+    return _changed_one(
+        session,
+        update(Job).where(_mine(lease)).values(lease_token=lease.token),
+    )
+
+
+def _insert_metrics(session: Session, job_id: str, metrics: Sequence[MetricRecord]) -> None:
+    session.add_all(
+        Metric(
+            job_id=job_id,
+            kind=m.kind,
+            epoch=m.epoch,
+            step=m.step,
+            samples_seen=m.samples_seen,
+            loss=m.loss,
+            accuracy=m.accuracy,
+            seconds=m.seconds,
+        )
+        for m in metrics
+    )
+
+
+def claim(
+    session_factory: SessionFactory, job_id: str, *, hostname: str, lease_seconds: float
+) -> Lease | None:
+    """Take a queued job: None when it is not queued any more (someone else has it)."""
+    now = utcnow()
+    token = secrets.token_hex(16)
+    with transaction(session_factory) as session:
+        claimed = _changed_one(
+            session,
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .values(
+                status=JobStatus.RUNNING,
+                lease_token=token,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                heartbeat_at=now,
+                attempt=Job.attempt + 1,
+                started_at=func.coalesce(Job.started_at, now),
+                worker_hostname=hostname,
+            ),
+        )
+    return Lease(job_id, token) if claimed else None
+
+
+def heartbeat(
+    session_factory: SessionFactory, lease: Lease, lease_seconds: float
+) -> HeartbeatResult:
+    """Renew the lease; say whether it was lost or cancellation was requested."""
+    now = utcnow()
+    with transaction(session_factory) as session:
+        cancel = session.scalar(
+            update(Job)
+            .where(_mine(lease), Job.status == JobStatus.RUNNING)
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now)
+            .returning(Job.cancel_requested),
+            execution_options={"synchronize_session": False},
+        )
+    if cancel is None:
+        return HeartbeatResult(lost=True, cancel_requested=False)
+    return HeartbeatResult(lost=False, cancel_requested=bool(cancel))
+
+
+def record_start(session_factory: SessionFactory, lease: Lease, *, device_used: str) -> bool:
+    """Note the device the job really runs on; False when fenced out."""
+    with transaction(session_factory) as session:
+        return _changed_one(
+            session,
+            update(Job).where(_mine(lease)).values(device_used=device_used),
+        )
+
+
+def record_progress(
+    session_factory: SessionFactory,
+    lease: Lease,
+    progress: ProgressUpdate | None,
+    metrics: Sequence[MetricRecord] = (),
+) -> bool:
+    """Write progress and a batch of metric rows in one transaction; False when fenced out."""
+    with transaction(session_factory) as session:
+        if not _fence(session, lease):
+            return False
+        if progress is not None:
+            session.execute(
+                update(Job)
+                .where(_mine(lease))
+                .values(
+                    epoch=progress.epoch,
+                    n_epochs=progress.n_epochs,
+                    step=progress.step,
+                    steps_per_epoch=progress.steps_per_epoch,
+                    samples_seen=progress.samples_seen,
+                    total_samples=progress.total_samples,
+                    samples_per_second=progress.samples_per_second,
+                    train_loss=progress.train_loss,
+                ),
+                execution_options={"synchronize_session": False},
+            )
+        _insert_metrics(session, lease.job_id, metrics)
+    return True
+
+
+def record_metrics(
+    session_factory: SessionFactory, lease: Lease, metrics: Sequence[MetricRecord]
+) -> bool:
+    """Insert a batch of metric rows; False when fenced out."""
+    return record_progress(session_factory, lease, None, metrics)
+
+
+def replace_metrics(
+    session_factory: SessionFactory, lease: Lease, metrics: Sequence[MetricRecord]
+) -> bool:
+    """Make the job's metric history exactly ``metrics`` (a resumed checkpoint's history)."""
+    # A requeued job resumes from its newest checkpoint: rows the dead attempt wrote after
+    # that checkpoint would be duplicated by the rerun, and rows it never flushed before
+    # dying would be missing. The checkpoint's own history is the truth.
+    with transaction(session_factory) as session:
+        if not _fence(session, lease):
+            return False
+        session.execute(delete(Metric).where(Metric.job_id == lease.job_id))
+        _insert_metrics(session, lease.job_id, metrics)
+    return True
+
+
+def record_artifact(
+    session_factory: SessionFactory, lease: Lease, *, name: str, kind: str, size: int, sha256: str
+) -> bool:
+    """Insert or update the artifact row (job_id, name); False when fenced out."""
+    with transaction(session_factory) as session:
+        # The fence holds the job row, so no other writer races this select-then-write.
+        if not _fence(session, lease):
+            return False
+        row = session.scalar(
+            select(Artifact).where(Artifact.job_id == lease.job_id, Artifact.name == name)
+        )
+        if row is None:
+            session.add(
+                Artifact(job_id=lease.job_id, name=name, kind=kind, size=size, sha256=sha256)
+            )
+        else:
+            row.kind, row.size, row.sha256, row.created_at = kind, size, sha256, utcnow()
+    return True
+
+
+def finish(
+    session_factory: SessionFactory,
+    lease: Lease,
+    status: JobStatus,
+    *,
+    test_loss: float | None = None,
+    test_accuracy: float | None = None,
+    error_message: str | None = None,
+    error_traceback: str | None = None,
+    metrics: Sequence[MetricRecord] = (),
+) -> bool:
+    """End the job (succeeded | failed | cancelled) with its last metrics; False when fenced."""
+    if not status.finished:
+        raise ValueError(f"finish() needs an end state, not {status!r}")
+    values: dict[str, object] = {
+        "status": status,
+        "finished_at": utcnow(),
+        "lease_token": None,
+        "lease_expires_at": None,
+    }
+    if status is JobStatus.SUCCEEDED:
+        values.update(test_loss=test_loss, test_accuracy=test_accuracy)
+    if error_message is not None:
+        values.update(error_message=error_message, error_traceback=_tail(error_traceback))
+    with transaction(session_factory) as session:
+        if not _fence(session, lease):
+            return False
+        _insert_metrics(session, lease.job_id, metrics)
+        session.execute(
+            update(Job).where(_mine(lease)).values(**values),
+            execution_options={"synchronize_session": False},
+        )
+    return True
+
+
+def _tail(text: str | None) -> str | None:
+    if text is None or len(text) <= TRACEBACK_TAIL_CHARS:
+        return text
+    return "…" + text[-TRACEBACK_TAIL_CHARS:]
+
+
+def release(session_factory: SessionFactory, lease: Lease) -> bool:
+    """Hand a running job back to the queue now (graceful shutdown); False when fenced."""
+    # The attempt is given back too: a worker that shut down cleanly did not fail the job,
+    # and max_attempts counts workers that died.
+    with transaction(session_factory) as session:
+        return _changed_one(
+            session,
+            update(Job)
+            .where(_mine(lease), Job.status == JobStatus.RUNNING)
+            .values(
+                status=JobStatus.QUEUED,
+                lease_token=None,
+                lease_expires_at=None,
+                attempt=Job.attempt - 1,
+                queued_at=utcnow(),
+                published_at=None,
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Expired:
+    """What the reaper did with running jobs whose lease expired."""
+
+    requeued: list[str]
+    failed: list[str]
+    cancelled: list[str]
+
+
+def requeue_expired(session_factory: SessionFactory, *, max_attempts: int) -> Expired:
+    """Requeue running jobs whose lease expired; fail those that used up their attempts."""
+    now = utcnow()
+    with transaction(session_factory) as session:
+        rows = session.execute(
+            select(Job.id, Job.lease_token, Job.attempt, Job.cancel_requested).where(
+                Job.status == JobStatus.RUNNING, Job.lease_expires_at < now
+            )
+        ).all()
+    done = Expired([], [], [])
+    for job_id, token, attempt, cancel in rows:
+        outcome, values = _expiry_outcome(attempt, cancel, max_attempts, now)
+        if _take_expired(session_factory, job_id, token, now, values):
+            {"queued": done.requeued, "failed": done.failed, "cancelled": done.cancelled}[
+                outcome
+            ].append(job_id)
+            logger.warning("job %s: lease expired on attempt %d → %s", job_id, attempt, outcome)
+    return done
+
+
+def _expiry_outcome(
+    attempt: int, cancel: bool, max_attempts: int, now: datetime
+) -> tuple[str, dict[str, object]]:
+    ended = {"lease_token": None, "lease_expires_at": None, "finished_at": now}
+    if cancel:
+        return "cancelled", {"status": JobStatus.CANCELLED, **ended}
+    if attempt >= max_attempts:
+        message = (
+            f"the worker running this job stopped responding {attempt} times "
+            f"(max_attempts={max_attempts}); the workers kept dying, giving up"
+        )
+        return "failed", {"status": JobStatus.FAILED, "error_message": message, **ended}
+    return "queued", {
+        "status": JobStatus.QUEUED,
+        "lease_token": None,
+        "lease_expires_at": None,
+        "queued_at": now,
+        "published_at": None,
+    }
+
+
+def _take_expired(
+    session_factory: SessionFactory,
+    job_id: str,
+    token: str | None,
+    now: datetime,
+    values: dict[str, object],
+) -> bool:
+    # Conditional on the token we saw and the expiry: a heartbeat that just renewed the
+    # lease, or another reaper that got there first, makes this a no-op.
+    with transaction(session_factory) as session:
+        return _changed_one(
+            session,
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.RUNNING,
+                Job.lease_token == token,
+                Job.lease_expires_at < now,
+            )
+            .values(**values),
+        )
+
+
+def republish_due(
+    session_factory: SessionFactory,
+    publish: Callable[[str, str], None],
+    *,
+    grace_seconds: float,
+    limit: int = 100,
+) -> list[str]:
+    """Publish queued jobs whose message may be lost again; return the ids published."""
+    now = utcnow()
+    published = []
+    for job_id, queue, previous in _due_for_publish(session_factory, now, grace_seconds, limit):
+        if not _stamp_published(session_factory, job_id, previous, now):
+            continue  # another reaper took it, or it was claimed meanwhile
+        try:
+            publish(job_id, queue)
+        except Exception:
+            _stamp_published(session_factory, job_id, now, previous)
+            raise
+        published.append(job_id)
+    return published
+
+
+def _due_for_publish(
+    session_factory: SessionFactory, now: datetime, grace_seconds: float, limit: int
+) -> list[tuple[str, str, datetime | None]]:
+    """Queued rows never published, or published long enough ago (with back-off)."""
+    grace = timedelta(seconds=grace_seconds)
+    with transaction(session_factory) as session:
+        rows = session.execute(
+            select(Job.id, Job.queue, Job.published_at, Job.queued_at)
+            .where(
+                Job.status == JobStatus.QUEUED,
+                Job.published_at.is_(None) | (Job.published_at < now - grace),
+            )
+            .order_by(Job.priority.desc(), Job.queued_at)
+            .limit(limit * 4)
+        ).all()
+    due = [
+        (job_id, queue, published)
+        for job_id, queue, published, queued in rows
+        if published is None
+        or _backoff_over(_utc(published), _utc(queued or published), now, grace)
+    ]
+    return due[:limit]
+
+
+def _backoff_over(published: datetime, queued: datetime, now: datetime, grace: timedelta) -> bool:
+    # A job that waits behind a long queue is not lost; re-publishing it every grace
+    # period would fill the broker with duplicates. The wait between re-publications
+    # doubles with the job's age (published - queued) and is capped, so a job gets
+    # O(log(age)) duplicates while a truly lost message is found within 16 grace periods.
+    wait = min(max(grace, published - queued), grace * MAX_REPUBLISH_BACKOFF)
+    return now - published >= wait
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes (UTC by construction), PostgreSQL aware ones.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _stamp_published(
+    session_factory: SessionFactory, job_id: str, expected: datetime | None, new: datetime | None
+) -> bool:
+    """Compare-and-set published_at, so of two reapers only one publishes a row."""
+    with transaction(session_factory) as session:
+        seen = Job.published_at.is_(None) if expected is None else Job.published_at == expected
+        return _changed_one(
+            session,
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED, seen)
+            .values(published_at=new),
+        )

@@ -1,0 +1,277 @@
+"""The lease protocol on real SQLite and PostgreSQL: claim, heartbeat, fencing, reaper queries."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import lease as leases
+from shared.lease import Lease, MetricRecord, ProgressUpdate
+from shared.migrate import upgrade
+from shared.models import Artifact, Job, JobStatus, Metric, utcnow
+from tests.integration.conftest import clear_tables, engine_and_factory
+
+Factory = sessionmaker[Session]
+
+
+@pytest.fixture(scope="module")
+def pg_lease_url(make_pg_database: Callable[[], str]) -> str:
+    """A database of this module's own: the reaper queries see every row in it."""
+    return make_pg_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
+    """A session factory on a migrated, empty database of each kind."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'lease.db'}"
+        upgrade(url)
+    else:
+        url = request.getfixturevalue("pg_lease_url")
+    engine, session_factory = engine_and_factory(url)
+    clear_tables(session_factory)
+    yield session_factory
+    engine.dispose()
+
+
+def add_job(factory: Factory, **values: object) -> str:
+    """Insert a queued job row; returns its id."""
+    job = Job(hyperparameters={"n_epochs": 1}, **values)
+    with factory() as session, session.begin():
+        session.add(job)
+    return job.id
+
+
+def get(factory: Factory, job_id: str) -> Job:
+    """The job row as it is now."""
+    with factory() as session:
+        return session.scalars(select(Job).where(Job.id == job_id)).one()
+
+
+def expire(factory: Factory, job_id: str) -> None:
+    """Pretend the worker died: its lease ran out a minute ago."""
+    with factory() as session, session.begin():
+        session.execute(
+            update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(60))
+        )
+
+
+def claim(factory: Factory, job_id: str) -> Lease | None:
+    return leases.claim(factory, job_id, hostname="host-a", lease_seconds=30)
+
+
+PROGRESS = ProgressUpdate(1, 2, 10, 938, 640, 120000, 1000.0, 0.5)
+POINT = MetricRecord("train", 1, 11, 640, 0.5, None, 1.0)
+
+
+def test_claim_runs_a_queued_job_once(factory: Factory) -> None:
+    job_id = add_job(factory)
+    first = claim(factory, job_id)
+    assert first is not None and first.job_id == job_id
+    assert claim(factory, job_id) is None
+    row = get(factory, job_id)
+    assert (row.status, row.attempt, row.lease_token) == ("running", 1, first.token)
+    assert row.started_at is not None and row.worker_hostname == "host-a"
+    assert row.lease_expires_at is not None
+
+
+def test_claim_of_a_missing_or_finished_job_is_none(factory: Factory) -> None:
+    assert claim(factory, "0" * 32) is None
+    job_id = add_job(factory, status=JobStatus.CANCELLED)
+    assert claim(factory, job_id) is None
+
+
+def test_heartbeat_renews_and_reports_cancel_and_loss(factory: Factory) -> None:
+    job_id = add_job(factory)
+    lease = claim(factory, job_id)
+    assert lease is not None
+    before = get(factory, job_id).lease_expires_at
+    beat = leases.heartbeat(factory, lease, 120)
+    assert beat.ok and get(factory, job_id).lease_expires_at > before  # type: ignore[operator]
+    with factory() as session, session.begin():
+        session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+    assert leases.heartbeat(factory, lease, 120).cancel_requested
+    lost = leases.heartbeat(factory, Lease(job_id, "someone-else"), 120)
+    assert lost.lost and not lost.ok
+
+
+def test_fenced_writes_land_while_the_lease_is_ours(factory: Factory) -> None:
+    job_id = add_job(factory)
+    lease = claim(factory, job_id)
+    assert lease is not None
+    assert leases.record_progress(factory, lease, PROGRESS, [POINT, POINT])
+    assert leases.record_artifact(
+        factory, lease, name="model.pth", kind="model", size=3, sha256="a"
+    )
+    assert leases.record_artifact(
+        factory, lease, name="model.pth", kind="model", size=5, sha256="b"
+    )
+    assert leases.finish(
+        factory, lease, JobStatus.SUCCEEDED, test_loss=0.1, test_accuracy=0.97, metrics=[POINT]
+    )
+    row = get(factory, job_id)
+    assert (row.status, row.step, row.samples_seen, row.test_accuracy) == (
+        "succeeded",
+        10,
+        640,
+        0.97,
+    )
+    assert row.lease_token is None and row.finished_at is not None
+    with factory() as session:
+        assert len(session.scalars(select(Metric).where(Metric.job_id == job_id)).all()) == 3
+        artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all()
+    assert [(a.name, a.size, a.sha256) for a in artifacts] == [("model.pth", 5, "b")]
+
+
+def test_a_worker_whose_lease_was_taken_writes_nothing(factory: Factory) -> None:
+    job_id = add_job(factory)
+    old = claim(factory, job_id)
+    assert old is not None
+    expire(factory, job_id)
+    assert leases.requeue_expired(factory, max_attempts=3).requeued == [job_id]
+    new = claim(factory, job_id)
+    assert new is not None
+    assert not leases.record_progress(factory, old, PROGRESS, [POINT])
+    assert not leases.record_artifact(factory, old, name="x.png", kind="plot", size=1, sha256="c")
+    assert not leases.finish(factory, old, JobStatus.FAILED, error_message="stale")
+    assert not leases.release(factory, old)
+    row = get(factory, job_id)
+    assert (row.status, row.attempt, row.lease_token, row.step) == ("running", 2, new.token, 0)
+    with factory() as session:
+        assert session.scalars(select(Metric).where(Metric.job_id == job_id)).all() == []
+        assert session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all() == []
+
+
+def test_reaper_requeues_fails_and_cancels_expired_jobs(factory: Factory) -> None:
+    retry, spent, cancelled, alive = (add_job(factory) for _ in range(4))
+    for job_id in (retry, spent, cancelled, alive):
+        assert claim(factory, job_id) is not None
+    with factory() as session, session.begin():
+        session.execute(update(Job).where(Job.id == spent).values(attempt=3))
+        session.execute(update(Job).where(Job.id == cancelled).values(cancel_requested=True))
+    for job_id in (retry, spent, cancelled):
+        expire(factory, job_id)
+    done = leases.requeue_expired(factory, max_attempts=3)
+    assert (done.requeued, done.failed, done.cancelled) == ([retry], [spent], [cancelled])
+    requeued = get(factory, retry)
+    assert (requeued.status, requeued.attempt, requeued.published_at) == ("queued", 1, None)
+    failed = get(factory, spent)
+    assert failed.status == "failed" and "kept dying" in (failed.error_message or "")
+    assert get(factory, cancelled).status == "cancelled"
+    assert get(factory, alive).status == "running"
+
+
+def test_two_reapers_at_once_requeue_each_job_once(factory: Factory) -> None:
+    ids = [add_job(factory) for _ in range(6)]
+    for job_id in ids:
+        assert claim(factory, job_id) is not None
+        expire(factory, job_id)
+    results: list[list[str]] = []
+    barrier = threading.Barrier(2)
+
+    def reap() -> None:
+        barrier.wait()
+        results.append(leases.requeue_expired(factory, max_attempts=3).requeued)
+
+    threads = [threading.Thread(target=reap) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results[0] + results[1]) == sorted(ids)
+
+
+def test_release_hands_the_job_back_without_spending_an_attempt(factory: Factory) -> None:
+    job_id = add_job(factory)
+    lease = claim(factory, job_id)
+    assert lease is not None
+    assert leases.release(factory, lease)
+    row = get(factory, job_id)
+    assert (row.status, row.attempt, row.lease_token, row.published_at) == ("queued", 0, None, None)
+    again = claim(factory, job_id)
+    assert again is not None and get(factory, job_id).attempt == 1
+
+
+def test_replace_metrics_makes_history_exactly_the_checkpoints(factory: Factory) -> None:
+    job_id = add_job(factory)
+    lease = claim(factory, job_id)
+    assert lease is not None
+    assert leases.record_metrics(factory, lease, [POINT, POINT, POINT])
+    test_point = MetricRecord("test", 1, 938, 60000, 0.2, 0.95, 9.0)
+    assert leases.replace_metrics(factory, lease, [POINT, test_point])
+    with factory() as session:
+        kinds = session.scalars(
+            select(Metric.kind).where(Metric.job_id == job_id).order_by(Metric.id)
+        ).all()
+    assert kinds == ["train", "test"]
+
+
+def test_finish_keeps_the_tail_of_a_long_traceback(factory: Factory) -> None:
+    job_id = add_job(factory)
+    lease = claim(factory, job_id)
+    assert lease is not None
+    trace = "x" * 20000 + "ValueError: the cause"
+    assert leases.finish(
+        factory,
+        lease,
+        JobStatus.FAILED,
+        error_message="ValueError: the cause",
+        error_traceback=trace,
+    )
+    row = get(factory, job_id)
+    assert row.error_traceback is not None and row.error_traceback.endswith("the cause")
+    assert len(row.error_traceback) <= leases.TRACEBACK_TAIL_CHARS + 1
+
+
+def test_republish_publishes_unpublished_rows_once(factory: Factory) -> None:
+    never = add_job(factory, queue="gpu")
+    recent = add_job(factory, published_at=utcnow())
+    sent: list[tuple[str, str]] = []
+    published = leases.republish_due(factory, lambda *a: sent.append(a), grace_seconds=60)
+    assert published == [never] and sent == [(never, "gpu")]
+    assert get(factory, never).published_at is not None
+    assert leases.republish_due(factory, lambda *a: sent.append(a), grace_seconds=60) == []
+    assert recent not in [job_id for job_id, _ in sent]
+
+
+def test_republish_backs_off_for_jobs_waiting_long(factory: Factory) -> None:
+    now = utcnow()
+    # Queued 2 h ago, last published 10 min ago: waiting, not lost; the next try is due
+    # 16 grace periods (16 min at 60 s) after the last, not one grace period after.
+    waiting = add_job(
+        factory, queued_at=now - timedelta(hours=2), published_at=now - timedelta(minutes=10)
+    )
+    lost = add_job(
+        factory, queued_at=now - timedelta(hours=2), published_at=now - timedelta(minutes=17)
+    )
+    young = add_job(
+        factory, queued_at=now - timedelta(minutes=3), published_at=now - timedelta(minutes=2)
+    )
+    published = leases.republish_due(factory, lambda *a: None, grace_seconds=60)
+    assert sorted(published) == sorted([lost, young])
+    assert waiting not in published
+
+
+def test_republish_keeps_the_row_due_when_publishing_fails(factory: Factory) -> None:
+    job_id = add_job(factory)
+
+    def broken(job_id: str, queue: str) -> None:
+        raise ConnectionError("broker down")
+
+    with pytest.raises(ConnectionError):
+        leases.republish_due(factory, broken, grace_seconds=60)
+    assert get(factory, job_id).published_at is None
+    assert leases.republish_due(factory, lambda *a: None, grace_seconds=60) == [job_id]
+
+
+def test_republish_is_bounded_per_pass(factory: Factory) -> None:
+    for _ in range(5):
+        add_job(factory)
+    assert len(leases.republish_due(factory, lambda *a: None, grace_seconds=60, limit=3)) == 3
+    assert len(leases.republish_due(factory, lambda *a: None, grace_seconds=60, limit=3)) == 2
