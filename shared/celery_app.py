@@ -17,6 +17,11 @@ GPU_QUEUE = "gpu"
 MAINTENANCE_QUEUE = "maintenance"
 QUEUES = (CPU_QUEUE, GPU_QUEUE, MAINTENANCE_QUEUE)
 
+BROKER_CONNECT_TIMEOUT = 2.0  # seconds
+BROKER_SOCKET_TIMEOUT = 10.0
+# On a cold shutdown, how long running jobs get to hand themselves back to the queue.
+SOFT_SHUTDOWN_SECONDS = 15.0
+
 
 class BrokerUnavailable(Exception):
     """The broker could not take a message; the job stays queued for the reaper."""
@@ -43,7 +48,25 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     # Redis: a message not acked within this time is delivered again. The lease makes
     # that harmless (the second delivery finds the job claimed), so set it above the
     # longest job rather than relying on it.
-    return {"visibility_timeout": settings.visibility_timeout_seconds}
+    return {
+        "visibility_timeout": settings.visibility_timeout_seconds,
+        # Bounded waits, so a publish fails fast (→ BrokerUnavailable, the job stays queued
+        # for the reaper) instead of hanging an HTTP request while Redis is away.
+        "socket_connect_timeout": BROKER_CONNECT_TIMEOUT,
+        "socket_timeout": BROKER_SOCKET_TIMEOUT,
+    }
+
+
+def _beat_schedule(settings: Settings) -> dict[str, Any]:
+    interval = settings.reaper_interval_seconds
+    # A reap message nobody took within one interval is stale: the next one supersedes it.
+    return {
+        "reap": {
+            "task": REAP_TASK,
+            "schedule": interval,
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": interval},
+        }
+    }
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -59,6 +82,10 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=1,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=BROKER_CONNECT_TIMEOUT,
+        worker_soft_shutdown_timeout=SOFT_SHUTDOWN_SECONDS,
+        worker_enable_soft_shutdown_on_idle=True,
+        beat_schedule=_beat_schedule(settings),
         broker_transport_options=_transport_options(settings),
         task_queues=[Queue(name) for name in QUEUES],
         task_default_queue=CPU_QUEUE,

@@ -1,0 +1,57 @@
+"""The worker's Celery app: ``celery -A worker.celery_main worker -Q cpu``.
+
+The one module that builds an app at import time, because the celery command line needs a
+module-level ``app``. Nothing here imports torch: the prefork parent must never touch it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+from celery.signals import worker_init, worker_process_init, worker_shutting_down
+
+from shared.celery_app import make_celery
+from shared.config import get_settings
+from worker.tasks import SHUTDOWN, make_context, register_tasks
+
+logger = logging.getLogger(__name__)
+
+# Sent by the parent to its pool children when the worker shuts down.
+HAND_BACK_SIGNAL = signal.SIGUSR2
+
+settings = get_settings()
+app = make_celery(settings)
+context = make_context(settings, app)
+register_tasks(app, context)
+
+_controller: list[Any] = []
+
+
+@worker_init.connect
+def _remember_controller(sender: Any = None, **_: Any) -> None:
+    """Keep the WorkController so shutdown can reach its pool's children."""
+    _controller[:] = [sender]
+
+
+@worker_process_init.connect
+def _child_started(**_: Any) -> None:
+    """In each pool child: fresh DB connections, and a handler that hands the job back."""
+    context.after_fork()
+    SHUTDOWN.clear()
+    signal.signal(HAND_BACK_SIGNAL, lambda *_: SHUTDOWN.set())
+
+
+@worker_shutting_down.connect
+def _tell_children(**_: Any) -> None:
+    """On warm or cold shutdown, ask running jobs to stop and go back to the queue."""
+    # A warm shutdown would otherwise wait for the running job to finish, which may be
+    # hours; the child stops at its next log interval and releases the job instead.
+    pool = getattr(_controller[0], "pool", None) if _controller else None
+    pids = pool.info.get("processes", []) if pool is not None else []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # the child just exited
+            os.kill(pid, HAND_BACK_SIGNAL)
