@@ -1,0 +1,83 @@
+"""Health reports which dependency is down; outages are 503s or a stored-but-unpublished job."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+from flask import Flask
+
+from api import create_app
+from api.db import ENGINE_KEY
+from shared.celery_app import make_celery
+from tests.api.conftest import make_settings
+
+HEALTH = "/api/v1/health"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _app(tmp_path: Path, database_url: str, **overrides: object) -> Flask:
+    return create_app(make_settings(tmp_path, database_url, **overrides))
+
+
+def test_health_ok_with_the_embedded_broker(tmp_path: Path, database_url: str) -> None:
+    settings = make_settings(tmp_path, database_url)
+    make_celery(settings)  # creates the broker folders, as the worker and the API do
+    app = create_app(settings, publish=lambda job_id, queue: None)
+    response = app.test_client().get(HEALTH)
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "status": "ok",
+        "database": {"ok": True, "error": None},
+        "broker": {"ok": True, "error": None},
+    }
+
+
+def test_health_ok_with_real_redis(tmp_path: Path, database_url: str) -> None:
+    app = _app(tmp_path, database_url, broker_url="redis://127.0.0.1:6379/0")
+    assert app.test_client().get(HEALTH).status_code == 200
+
+
+def test_health_names_a_down_broker_quickly(tmp_path: Path, database_url: str) -> None:
+    app = _app(tmp_path, database_url, broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    response = app.test_client().get(HEALTH)
+    assert time.monotonic() - started < 5
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["status"] == "unavailable"
+    assert body["database"]["ok"] is True
+    assert body["broker"]["ok"] is False and body["broker"]["error"]
+
+
+def test_database_down_is_503_on_health_and_on_routes(tmp_path: Path) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/mnistq"
+    app = _app(tmp_path, url, broker_url="redis://127.0.0.1:6379/0")
+    client = app.test_client()
+    health = client.get(HEALTH)
+    assert health.status_code == 503
+    assert health.get_json()["database"]["ok"] is False
+    assert health.get_json()["broker"]["ok"] is True
+    for response in (client.get("/api/v1/jobs"), client.post("/api/v1/jobs", json={})):
+        assert response.status_code == 503
+        assert response.get_json()["error"] == "database_unavailable"
+
+
+def test_submit_with_redis_down_still_stores_the_job(tmp_path: Path, database_url: str) -> None:
+    """The real Celery publisher against a dead Redis: 201, published_at stays NULL."""
+    app = _app(tmp_path, database_url, broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    client = app.test_client()
+    response = client.post("/api/v1/jobs", json={"name": "outbox"})
+    assert response.status_code == 201
+    job = client.get(response.headers["Location"]).get_json()
+    assert job["status"] == "queued"
+    assert job["published_at"] is None
+    app.extensions[ENGINE_KEY].dispose()
