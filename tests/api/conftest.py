@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
@@ -20,6 +21,7 @@ from api.db import ENGINE_KEY, SESSIONS_KEY
 from shared.artifacts import ArtifactStore, artifact_kind
 from shared.celery_app import BrokerUnavailable
 from shared.config import Settings
+from shared.db import make_engine
 from shared.migrate import upgrade
 from shared.models import Artifact, Job, Metric
 
@@ -47,12 +49,45 @@ def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def sqlite_copy(tmp_path: Path, template: Path) -> str:
+    """The URL of a copy of the migrated template in ``tmp_path``."""
+    path = tmp_path / "mnistq.db"
+    shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture
 def database_url(tmp_path: Path, migrated_sqlite: Path) -> str:
     """A fresh migrated SQLite database for one test."""
-    path = tmp_path / "mnistq.db"
-    shutil.copyfile(migrated_sqlite, path)
-    return f"sqlite:///{path}"
+    return sqlite_copy(tmp_path, migrated_sqlite)
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres(postgres_database: Callable[[], str]) -> str:
+    """A PostgreSQL database migrated once per session; tests empty it before use."""
+    url = postgres_database()
+    upgrade(url)
+    return url
+
+
+def empty_tables(database_url: str) -> None:
+    """Delete every row, keeping the schema."""
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("TRUNCATE artifact, metric, job"))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database_url(request: pytest.FixtureRequest, tmp_path: Path, migrated_sqlite: Path) -> str:
+    """A fresh migrated database of each backend in turn."""
+    if request.param == "sqlite":
+        return sqlite_copy(tmp_path, migrated_sqlite)
+    url: str = request.getfixturevalue("migrated_postgres")
+    empty_tables(url)
+    return url
 
 
 def make_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:

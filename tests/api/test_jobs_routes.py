@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,6 +14,12 @@ from shared.models import Job
 from tests.api.conftest import RecordingPublisher, add_artifact, insert_job, insert_metrics
 
 JOBS = "/api/v1/jobs"
+
+
+@pytest.fixture
+def database_url(any_database_url: str) -> str:
+    """Every route test here runs on SQLite and on PostgreSQL."""
+    return any_database_url
 
 
 def test_submit_stores_a_queued_job_and_publishes_it(
