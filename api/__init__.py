@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 from flask import Flask
 
+from api.extensions import Publish, Services
 from shared.artifacts import ArtifactStore
 from shared.celery_app import make_celery, publish_train
 from shared.config import Settings, get_settings
-
-Publish = Callable[[str, str], None]
 
 
 def celery_publisher(settings: Settings) -> Publish:
@@ -21,15 +19,15 @@ def celery_publisher(settings: Settings) -> Publish:
 
 def create_app(settings: Settings | None = None, *, publish: Publish | None = None) -> Flask:
     """Build the API for ``settings`` (default: from the environment); tests pass ``publish``."""
-    from api import artifacts, db, errors, health, jobs, openapi
+    from api import artifacts, db, errors, extensions, health, jobs, openapi
 
     settings = settings or get_settings()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions[jobs.SETTINGS_KEY] = settings
-    app.extensions[jobs.PUBLISH_KEY] = publish or celery_publisher(settings)
-    app.extensions[artifacts.STORE_KEY] = ArtifactStore(settings.artifact_dir)
+    store = ArtifactStore(settings.artifact_dir)
+    services = Services(settings, publish or celery_publisher(settings), store)
+    extensions.init_app(app, services)
     db.init_app(app, settings.database_url)
     errors.init_app(app)
     for blueprint in (jobs.bp, artifacts.bp, health.bp, openapi.bp):

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from flask import Blueprint, current_app, send_file
+from flask import Blueprint, send_file
 from flask.typing import ResponseReturnValue
 
 from api.db import get_session
+from api.extensions import services
 from api.openapi import operation
 from api.serialize import artifact_out, dump
-from shared.artifacts import ArtifactStore, validate_name
+from shared.artifacts import validate_name
 from shared.jobs import artifacts_of, get_artifact, get_job
 from shared.schemas import ArtifactListOut
 
 bp = Blueprint("artifacts", __name__, url_prefix="/api/v1/jobs/<job_id>/artifacts")
 
-STORE_KEY = "mnistq.store"
 CONTENT_TYPES = {
     ".png": "image/png",
     ".svg": "image/svg+xml",
@@ -54,8 +54,7 @@ def download(job_id: str, name: str) -> ResponseReturnValue:
     session = get_session()
     job = get_job(session, job_id)
     artifact = get_artifact(session, job.id, name)
-    store: ArtifactStore = current_app.extensions[STORE_KEY]
-    path = store.open_existing(job.id, artifact.name)
+    path = services().store.open_existing(job.id, artifact.name)
     return send_file(
         path,
         mimetype=content_type(name),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flask import Flask, Response, jsonify
@@ -104,7 +104,9 @@ def _unexpected(exc: Exception) -> Response:
     return error_response(500, "internal_error", "an unexpected error occurred; it was logged")
 
 
-def _simple(status: int, code: str) -> Any:
+def _simple(status: int, code: str) -> Callable[[Exception], Response]:
+    """A handler answering ``status`` with the exception's own message."""
+
     def handler(exc: Exception) -> Response:
         return error_response(status, code, str(exc))
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 from flask.typing import ResponseReturnValue
 from kombu import Connection
 from sqlalchemy import text
 
 from api.db import get_engine
+from api.extensions import services
 from api.openapi import operation
 from api.serialize import dump
 from shared.config import Settings
@@ -16,7 +17,6 @@ from shared.schemas import ComponentHealthOut, HealthOut
 bp = Blueprint("health", __name__, url_prefix="/api/v1")
 
 BROKER_TIMEOUT_SECONDS = 2.0
-SETTINGS_KEY = "mnistq.settings"
 
 
 def check_database() -> ComponentHealthOut:
@@ -51,7 +51,7 @@ def check_broker(settings: Settings) -> ComponentHealthOut:
 def health() -> ResponseReturnValue:
     """200 when the database and the broker answer, 503 naming the one that does not."""
     database = check_database()
-    broker = check_broker(current_app.extensions[SETTINGS_KEY])
+    broker = check_broker(services().settings)
     ok = database.ok and broker.ok
     out = HealthOut(status="ok" if ok else "unavailable", database=database, broker=broker)
     return dump(out), 200 if ok else 503

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, current_app, url_for
+from flask import Blueprint, url_for
 from flask.typing import ResponseReturnValue
 from sqlalchemy.orm import Session
 
 from api.db import get_session
+from api.extensions import services
 from api.inputs import IDEMPOTENCY_HEADER, idempotency_key, json_body, query_args
 from api.openapi import operation
 from api.serialize import dump, job_json, jobs_json, metric_out
 from shared.celery_app import BrokerUnavailable
-from shared.config import Settings
 from shared.jobs import (
     create_job,
     get_job,
@@ -28,14 +28,11 @@ from shared.schemas import JobCreate, JobOut, JobPageOut, ListJobsQuery, Metrics
 logger = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 
-PUBLISH_KEY = "mnistq.publish"
-SETTINGS_KEY = "mnistq.settings"
-
 
 def _publish(session: Session, job: Job) -> None:
     """Tell the workers; a broker outage leaves published_at NULL for the reaper to retry."""
     try:
-        current_app.extensions[PUBLISH_KEY](job.id, job.queue)
+        services().publish(job.id, job.queue)
     except BrokerUnavailable as exc:
         logger.warning("job %s stored but not published (broker down): %s", job.id, exc)
         return
@@ -75,12 +72,11 @@ def create() -> ResponseReturnValue:
 def index() -> ResponseReturnValue:
     """One page of jobs, optionally only those in the given states."""
     query = query_args(ListJobsQuery)
-    settings: Settings = current_app.extensions[SETTINGS_KEY]
     session = get_session()
     jobs, cursor = list_jobs(
         session,
         statuses=query.status,
-        limit=query.limit or settings.page_size,
+        limit=query.limit or services().settings.page_size,
         cursor=query.cursor,
     )
     return {"items": jobs_json(session, jobs), "next_cursor": cursor}
