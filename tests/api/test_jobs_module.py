@@ -1,0 +1,57 @@
+"""shared.jobs under concurrency, on PostgreSQL where requests really run in parallel."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy import func, select, update
+
+from shared.db import make_engine, make_session_factory
+from shared.jobs import create_job, request_cancel
+from shared.models import Job
+from shared.schemas import JobCreate
+from tests.api.conftest import empty_tables
+
+
+def test_racing_submissions_with_one_key_make_one_job(migrated_postgres: str) -> None:
+    empty_tables(migrated_postgres)
+    engine = make_engine(migrated_postgres)
+    sessions = make_session_factory(engine)
+    barrier = threading.Barrier(4)
+
+    def submit(_: int) -> tuple[str, bool]:
+        with sessions() as session:
+            barrier.wait()
+            job, created = create_job(
+                session, JobCreate.model_validate({"name": "race"}), idempotency_key="same"
+            )
+            return job.id, created
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(submit, range(4)))
+        with sessions() as session:
+            count = session.scalar(select(func.count()).select_from(Job))
+    finally:
+        engine.dispose()
+    assert len({job_id for job_id, _ in results}) == 1
+    assert sorted(created for _, created in results) == [False, False, False, True]
+    assert count == 1
+
+
+def test_cancel_after_a_claim_flags_the_job_instead(migrated_postgres: str) -> None:
+    """The session still holds the job as queued; the conditional UPDATE sees it running."""
+    empty_tables(migrated_postgres)
+    engine = make_engine(migrated_postgres)
+    sessions = make_session_factory(engine)
+    try:
+        with sessions() as session:
+            job, _ = create_job(session, JobCreate.model_validate({}), idempotency_key=None)
+            # What a worker's claim does: the row is running before the cancel arrives.
+            session.execute(Job.__table__.update().where(Job.id == job.id).values(status="running"))
+            session.commit()
+            cancelled = request_cancel(session, job.id)
+    finally:
+        engine.dispose()
+    assert (cancelled.status, cancelled.cancel_requested) == ("running", True)
