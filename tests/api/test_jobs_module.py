@@ -49,7 +49,7 @@ def test_cancel_after_a_claim_flags_the_job_instead(migrated_postgres: str) -> N
         with sessions() as session:
             job, _ = create_job(session, JobCreate.model_validate({}), idempotency_key=None)
             # What a worker's claim does: the row is running before the cancel arrives.
-            session.execute(Job.__table__.update().where(Job.id == job.id).values(status="running"))
+            session.execute(update(Job).where(Job.id == job.id).values(status="running"))
             session.commit()
             cancelled = request_cancel(session, job.id)
     finally:
