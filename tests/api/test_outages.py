@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from pathlib import Path
 
+import pytest
 from flask import Flask
 
 from api import create_app
@@ -81,3 +83,19 @@ def test_submit_with_redis_down_still_stores_the_job(tmp_path: Path, database_ur
     assert job["status"] == "queued"
     assert job["published_at"] is None
     app.extensions[ENGINE_KEY].dispose()
+
+
+def test_an_unexpected_error_is_logged_and_answered_as_json_500(
+    app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> str:
+        raise RuntimeError("a bug")
+
+    app.add_url_rule("/broken", view_func=broken)
+    with caplog.at_level(logging.ERROR, logger="api.errors"):
+        response = app.test_client().get("/broken")
+    assert response.status_code == 500
+    assert response.get_json()["error"] == "internal_error"
+    assert "a bug" not in response.get_data(as_text=True)  # no internals leak to clients
+    [record] = [r for r in caplog.records if r.name == "api.errors"]
+    assert record.exc_info is not None and "a bug" in str(record.exc_info[1])
