@@ -44,7 +44,10 @@ def _publish(session: Session, job: Job) -> None:
 @operation(
     summary="Submit a training job",
     body=JobCreate,
-    headers={IDEMPOTENCY_HEADER: "repeat a submission safely: the same key returns the same job"},
+    headers={
+        IDEMPOTENCY_HEADER: "repeat a submission safely: the same key and body return the "
+        "same job with 200; the same key with another body is 422 idempotency_key_reused"
+    },
     responses={201: JobOut, 200: JobOut},
     errors=(400, 413, 422, 503),
 )

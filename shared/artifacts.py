@@ -31,14 +31,14 @@ def validate_name(name: str) -> str:
     if not name or len(name) > MAX_NAME_LENGTH:
         raise InvalidArtifactName(f"artifact name must be 1 to {MAX_NAME_LENGTH} characters")
     parts = name.split("/")
-    if len(parts) > MAX_DEPTH:
-        raise InvalidArtifactName(f"artifact name may have at most {MAX_DEPTH - 1} '/'")
     for part in parts:
         if not _PART.fullmatch(part):
             raise InvalidArtifactName(
                 f"artifact name part {part!r} is empty or has characters other than "
                 "letters, digits, '.', '_' and '-', or starts with '.' or '-'"
             )
+    if len(parts) > MAX_DEPTH:
+        raise InvalidArtifactName(f"artifact name may have at most {MAX_DEPTH - 1} '/'")
     return name
 
 
