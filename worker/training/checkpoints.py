@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -93,7 +94,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             samples_seen=int(data.get("samples_seen", 0)),
             extra=dict(data.get("extra", {})),
         )
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
 
 

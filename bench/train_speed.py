@@ -1,0 +1,157 @@
+"""Seconds per training epoch: the seed recipe as written against the engine, alternately.
+
+    .venv/bin/python bench/train_speed.py [--epochs N | --quick] [--threads N] [--data-dir DIR]
+
+Both sides train the same net (the tutorial's), with the same hyperparameters (batch 64,
+SGD lr 0.01 momentum 0.5, log every 10 batches) and the same thread count. Then it measures
+jobs per hour for two concurrent single-thread jobs (two processes) against one two-thread job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from shared.schemas import Hyperparameters
+from worker.training.data import load_split
+from worker.training.devices import configure_threads
+from worker.training.loop import evaluate, make_optimizer, train_epoch
+from worker.training.nets import Net
+
+HP = Hyperparameters(device="cpu")  # the seed's defaults
+QUICK_BATCHES = 300
+SEED_EPOCHS_PER_JOB = 3
+
+
+def seed_epoch(data_dir: Path, results: Path, max_batches: int | None) -> float:
+    """One epoch of the tutorial's train(): DataLoader, ToTensor/Normalize, saves as it logs."""
+    train_loader = DataLoader(
+        datasets.MNIST(str(data_dir), train=True, download=False,
+                       transform=transforms.Compose([
+                           transforms.ToTensor(),
+                           transforms.Normalize((0.1307,), (0.3081,))])),
+        batch_size=HP.batch_size_train, shuffle=True)  # fmt: skip
+    torch.manual_seed(HP.random_seed)
+    network = Net()
+    optimizer = torch.optim.SGD(network.parameters(), lr=HP.learning_rate, momentum=HP.momentum)
+    start = time.perf_counter()
+    network.train()
+    for batch_idx, (data, target) in enumerate(train_loader):
+        if max_batches is not None and batch_idx >= max_batches:
+            break
+        optimizer.zero_grad()
+        output = network(data)
+        loss = F.nll_loss(output, target)
+        loss.backward()
+        optimizer.step()
+        if batch_idx % HP.log_interval == 0:
+            loss.item()
+            torch.save(network.state_dict(), results / "model.pth")
+            torch.save(optimizer.state_dict(), results / "optimizer.pth")
+    return time.perf_counter() - start
+
+
+def engine_epoch(data_dir: Path, max_batches: int | None) -> float:
+    """One epoch through the engine's ``train_epoch``, set up as ``fit`` sets it up."""
+    train = load_split(data_dir, train=True, download=False)
+    torch.manual_seed(HP.random_seed)
+    model = Net().to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(HP, model)
+    generator = torch.Generator().manual_seed(HP.random_seed)
+    start = time.perf_counter()
+    train_epoch(model, optimizer, train, batch_size=HP.batch_size_train,
+                log_interval=HP.log_interval, generator=generator,
+                max_batches=max_batches)  # fmt: skip
+    return time.perf_counter() - start
+
+
+def compare(data_dir: Path, epochs: int, max_batches: int | None) -> tuple[float, float]:
+    """Alternate seed and engine epochs; print each; return the two medians."""
+    load_split(data_dir, train=True, download=False)  # the engine's one-off load, not timed
+    seed_times, engine_times = [], []
+    with tempfile.TemporaryDirectory() as results:
+        for i in range(1, epochs + 1):
+            seed_times.append(seed_epoch(data_dir, Path(results), max_batches))
+            engine_times.append(engine_epoch(data_dir, max_batches))
+            print(f"round {i}: seed {seed_times[-1]:6.2f} s   engine {engine_times[-1]:6.2f} s   "
+                  f"ratio {engine_times[-1] / seed_times[-1]:.3f}", flush=True)  # fmt: skip
+    return statistics.median(seed_times), statistics.median(engine_times)
+
+
+def child(data_dir: Path, threads: int, max_batches: int | None) -> None:
+    """A job process: load, wait for 'go' on stdin, time one train epoch + one evaluation."""
+    configure_threads(threads)
+    load_split(data_dir, train=False, download=False)
+    engine_epoch(data_dir, 20)  # warm up allocator and kernels
+    print("ready", flush=True)
+    sys.stdin.readline()
+    seconds = engine_epoch(data_dir, max_batches)
+    test = load_split(data_dir, train=False, download=False)
+    start = time.perf_counter()
+    evaluate(Net().to(memory_format=torch.channels_last), test, batch_size=HP.batch_size_test)
+    seconds += time.perf_counter() - start
+    print(json.dumps({"seconds": seconds}), flush=True)
+
+
+def jobs_per_hour(data_dir: Path, processes: int, threads: int, max_batches: int | None) -> float:
+    """Seed-default jobs (3 epochs) per hour for ``processes`` concurrent jobs of ``threads``."""
+    cmd = [sys.executable, __file__, "--child", "--threads", str(threads),
+           "--data-dir", str(data_dir)] + (["--quick"] if max_batches else [])  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=env) for _ in range(processes)]  # fmt: skip
+    for proc in procs:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    seconds = [json.loads(proc.communicate()[0].strip().splitlines()[-1])["seconds"]
+               for proc in procs]  # fmt: skip
+    scale = 938 / max_batches if max_batches else 1.0  # a quick run stands for a full epoch
+    per_job = max(seconds) * scale * SEED_EPOCHS_PER_JOB
+    return processes * 3600 / per_job
+
+
+def main() -> None:
+    """Parse flags and run the comparisons."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=3, help="rounds of seed + engine epochs")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"1 round of {QUICK_BATCHES} batches per side")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores")
+    parser.add_argument("--data-dir", type=Path,
+                        default=Path(os.environ.get("MNISTQ_DATA_DIR", "var/data")))  # fmt: skip
+    parser.add_argument("--no-concurrency", action="store_true", help="skip the jobs/hour part")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    max_batches = QUICK_BATCHES if args.quick else None
+    if args.child:
+        return child(args.data_dir, args.threads, max_batches)
+    threads = configure_threads(args.threads)
+    epochs = 1 if args.quick else args.epochs
+    print(f"threads {threads}, {f'{max_batches} batches' if max_batches else 'full epochs'}")
+    seed, engine = compare(args.data_dir, epochs, max_batches)
+    print(f"median train s/epoch: seed {seed:.2f}, engine {engine:.2f}, ratio {engine / seed:.3f}")
+    if not args.no_concurrency:
+        two = jobs_per_hour(args.data_dir, 2, 1, max_batches)
+        one = jobs_per_hour(args.data_dir, 1, 2, max_batches)
+        print(
+            f"jobs/hour (seed defaults, 3 epochs): 2 x 1-thread {two:.0f}, 1 x 2-thread {one:.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
