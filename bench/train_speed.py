@@ -71,7 +71,7 @@ def engine_epoch(data_dir: Path, max_batches: int | None) -> float:
     optimizer = make_optimizer(HP, model)
     generator = torch.Generator().manual_seed(HP.random_seed)
     start = time.perf_counter()
-    train_epoch(model, optimizer, train, batch_size=HP.batch_size_train,
+    train_epoch(model, optimizer, train, epoch=1, batch_size=HP.batch_size_train,
                 log_interval=HP.log_interval, generator=generator,
                 max_batches=max_batches)  # fmt: skip
     return time.perf_counter() - start

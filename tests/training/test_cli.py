@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from shared.config import get_settings
 
 
 @pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Settings that never try to download."""
     monkeypatch.setenv("MNISTQ_DOWNLOAD_MNIST", "false")
     get_settings.cache_clear()

@@ -130,15 +130,19 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     split: MnistSplit,
     *,
+    epoch: int,
     batch_size: int,
     log_interval: int,
     generator: torch.Generator,
-    on_log: Callable[[int, float], None] = _noop,
+    device: torch.device | None = None,
+    on_log: Callable[[int, int, float], None] = _noop,
     should_stop: Callable[[], bool] = _never,
     max_batches: int | None = None,
 ) -> EpochResult:
-    """One pass over ``split`` in a seeded random order; ``on_log(batch_idx, loss)`` as logged."""
+    """One pass over ``split`` in seeded random order; ``on_log(epoch, batch_idx, loss)``."""
     model.train()
+    if device is not None:
+        split = split.to(device)
     n = len(split)
     # The shuffle generator lives on the CPU so its state is device-independent.
     order = torch.randperm(n, generator=generator).to(split.images.device)
@@ -156,16 +160,20 @@ def train_epoch(
         samples += len(index)
         # The only host sync per log interval: the seed logs that one batch's loss.
         if batch_idx % log_interval == 0:
-            on_log(batch_idx, loss.item())
+            on_log(epoch, batch_idx, loss.item())
             if should_stop():
                 return EpochResult(batch_idx + 1, samples, stopped=True)
     return EpochResult(n_batches, samples, stopped=False)
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: MnistSplit, *, batch_size: int) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, split: MnistSplit, *, batch_size: int, device: torch.device | None = None
+) -> tuple[float, float]:
     """Average NLL loss (summed over examples / N) and accuracy on ``split``."""
     model.eval()
+    if device is not None:
+        split = split.to(device)
     loss_sum, correct = 0.0, 0
     for start in range(0, len(split), batch_size):
         data = split.images[start : start + batch_size]
@@ -291,20 +299,10 @@ def fit(
     """Train ``hp.model`` to ``hp.n_epochs`` (from ``resume`` when given) and write artifacts."""
     hooks = hooks or Hooks()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if device.type == "cuda":
-        # Same seed, same device → same numbers, at the cost of cuDNN's fastest kernels.
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    torch.manual_seed(hp.random_seed)
-    # Channels-last lets oneDNN/cuDNN pick their fast conv and max-pool kernels; same math.
-    model = build_model(hp.model).to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(hp, model)
-    generator = torch.Generator().manual_seed(hp.random_seed)
+    model, optimizer, generator = _prepare(hp, device)
     train, test = train.to(device), test.head(max_test_samples).to(device)
     steps = math.ceil(len(train) / hp.batch_size_train)
-    if max_train_batches is not None:
-        steps = min(steps, max_train_batches)
-    run = _Run(hp, hooks, len(train), steps)
+    run = _Run(hp, hooks, len(train), min(steps, max_train_batches or steps))
     first_epoch = 1
     if resume is not None:
         _restore(resume, hp, model, optimizer, generator)
@@ -316,23 +314,51 @@ def fit(
         if hooks.should_stop():
             return _result("stopped", epoch - 1, run, device)
         done = train_epoch(
-            model, optimizer, train, batch_size=hp.batch_size_train,
-            log_interval=hp.log_interval, generator=generator,
-            on_log=lambda batch_idx, loss, e=epoch: run.log_train(e, batch_idx, loss),
-            should_stop=hooks.should_stop, max_batches=max_train_batches,
+            model, optimizer, train, epoch=epoch, batch_size=hp.batch_size_train,
+            log_interval=hp.log_interval, generator=generator, device=device,
+            on_log=run.log_train, should_stop=hooks.should_stop, max_batches=max_train_batches,
         )  # fmt: skip
         if done.stopped:
             return _result("stopped", epoch - 1, run, device)
-        run.end_epoch(epoch, done, *evaluate(model, test, batch_size=hp.batch_size_test))
-        checkpoint = Checkpoint(
-            epoch, model.state_dict(), optimizer.state_dict(), hp.model_dump(),
-            list(run.metrics), _rng_state(generator), run.global_step, run.samples_seen,
-        )  # fmt: skip
-        _write(hooks, out_dir, checkpoint_name(epoch), "checkpoint",
-               lambda p, c=checkpoint: save_checkpoint(c, out_dir))  # fmt: skip
+        scores = evaluate(model, test, batch_size=hp.batch_size_test, device=device)
+        run.end_epoch(epoch, done, *scores)
+        _save_epoch(epoch, hp, model, optimizer, generator, run, out_dir)
     result = _result("completed", max(hp.n_epochs, first_epoch - 1), run, device)
     _finish(result, hp, model, optimizer, test, out_dir, hooks)
     return result
+
+
+def _prepare(
+    hp: Hyperparameters, device: torch.device
+) -> tuple[nn.Module, torch.optim.Optimizer, torch.Generator]:
+    """Seeded model, its optimizer and the shuffle generator, as a fresh run starts them."""
+    if device.type == "cuda":
+        # Same seed, same device → same numbers, at the cost of cuDNN's fastest kernels.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(hp.random_seed)
+    # Channels-last lets oneDNN/cuDNN pick their fast conv and max-pool kernels; same math.
+    model = build_model(hp.model).to(device).to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(hp.random_seed)
+    return model, make_optimizer(hp, model), generator
+
+
+def _save_epoch(
+    epoch: int,
+    hp: Hyperparameters,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    run: _Run,
+    out_dir: Path,
+) -> None:
+    """Write ``checkpoints/epoch-<n>.pt`` with everything a resume needs, then announce it."""
+    checkpoint = Checkpoint(
+        epoch, model.state_dict(), optimizer.state_dict(), hp.model_dump(), list(run.metrics),
+        _rng_state(generator), run.global_step, run.samples_seen,
+    )  # fmt: skip
+    path = save_checkpoint(checkpoint, out_dir)
+    run.hooks.on_artifact(checkpoint_name(epoch), "checkpoint", path)
 
 
 def _result(status: str, epochs_done: int, run: _Run, device: torch.device) -> FitResult:
