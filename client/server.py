@@ -1,28 +1,134 @@
-"""``mnistq up | api | worker | db``: start the server parts."""
+"""``mnistq up | api | worker | db``: start the server parts, each imported only when started."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import TYPE_CHECKING
+
 import click
+
+if TYPE_CHECKING:
+    from shared.config import Settings
+
+DEFAULT_WORKER_QUEUES = "cpu,maintenance"
+# How long `mnistq up` waits for its worker to hand its job back before killing it.
+WORKER_STOP_SECONDS = 30
 
 
 @click.command("up")
-def up_command() -> None:
-    """Run the API and one worker in one process tree (SQLite, filesystem broker)."""
-    raise click.ClickException("not implemented yet")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to serve on")
+@click.option("--port", default=8000, show_default=True, help="HTTP port")
+def up_command(host: str, port: int) -> None:
+    """Run the API, one worker and the reaper together (SQLite, filesystem broker by default)."""
+    from shared.config import get_settings
+    from shared.migrate import upgrade
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    settings = get_settings()
+    upgrade(settings.database_url)
+    worker = _start_worker_process()
+    stop = threading.Event()
+    reaper = threading.Thread(target=_reap_forever, args=(settings, stop), name="reaper")
+    reaper.start()
+    try:
+        _serve_api(settings, host, port)
+    except KeyboardInterrupt:
+        click.echo("mnistq: stopping", err=True)
+    finally:
+        stop.set()
+        _stop_worker_process(worker)
+        reaper.join(timeout=10)
+
+
+def _start_worker_process() -> subprocess.Popen[bytes]:
+    """One Celery worker in its own process; it serves gpu too, so a cuda job fails clearly."""
+    argv = [sys.executable, "-c", "from client.cli import main; main()", "worker"]
+    return subprocess.Popen([*argv, "--queues", "cpu,gpu", "--concurrency", "1"])
+
+
+def _stop_worker_process(worker: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown: the running job goes back to the queue; kill it if it hangs."""
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=WORKER_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
+def _reap_forever(settings: Settings, stop: threading.Event) -> None:
+    from shared.celery_app import make_celery, publish_train
+    from shared.db import make_engine, make_session_factory
+    from worker.reaper import run_reaper
+
+    celery = make_celery(settings)
+    factory = make_session_factory(make_engine(settings.database_url))
+    run_reaper(settings, factory, lambda job_id, queue: publish_train(celery, job_id, queue), stop)
+
+
+def _serve_api(settings: Settings, host: str, port: int) -> None:
+    from werkzeug.serving import make_server
+
+    from api import create_app
+
+    server = make_server(host, port, create_app(settings), threaded=True)
+    click.echo(f"mnistq: API on http://{host}:{server.port}/api/v1 (Ctrl-C stops)", err=True)
+    server.serve_forever()
 
 
 @click.command("api")
-def api_command() -> None:
-    """Serve the HTTP API with gunicorn."""
-    raise click.ClickException("not implemented yet")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind")
+@click.option("--port", default=8000, show_default=True, help="HTTP port")
+@click.option("--workers", default=2, show_default=True, help="gunicorn worker processes")
+def api_command(host: str, port: int, workers: int) -> None:
+    """Serve the HTTP API with gunicorn (``api:create_app()``)."""
+    argv = [
+        sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers),
+        "--access-logfile", "-", "api:create_app()",
+    ]  # fmt: skip
+    os.execv(sys.executable, argv)
 
 
 @click.command("worker")
-def worker_command() -> None:
-    """Run a Celery worker."""
-    raise click.ClickException("not implemented yet")
+@click.option(
+    "--queues", "-Q", default=DEFAULT_WORKER_QUEUES, show_default=True,
+    help="comma-separated queues: cpu, gpu, maintenance (GPU machines serve gpu)",
+)  # fmt: skip
+@click.option("--concurrency", "-c", default=1, show_default=True, help="jobs at once")
+@click.option("--beat", is_flag=True, help="also schedule the reaper (one per deployment)")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker_command(queues: str, concurrency: int, beat: bool, loglevel: str) -> None:
+    """Run a Celery worker: one job per child process, fresh child for every job."""
+    from shared.config import get_settings
+    from worker.celery_main import app
+
+    argv = ["worker", "--queues", queues, "--concurrency", str(concurrency)]
+    # A new process per job: memory (and CUDA state) of one job never leaks into the next.
+    argv += ["--loglevel", loglevel, "--prefetch-multiplier", "1", "--max-tasks-per-child", "1"]
+    if beat:
+        schedule = get_settings().var_dir / "celerybeat-schedule"
+        schedule.parent.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", "--schedule", str(schedule)]
+    app.worker_main(argv)
 
 
 @click.group("db")
 def db_group() -> None:
     """Database migrations."""
+
+
+@db_group.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade_command(revision: str) -> None:
+    """Apply migrations to MNISTQ_DATABASE_URL up to ``revision``."""
+    from shared.config import get_settings
+    from shared.migrate import upgrade
+
+    upgrade(get_settings().database_url, revision)
+    click.echo(f"database at {revision}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError
 
 from shared.config import Settings
@@ -87,7 +87,11 @@ def make_celery(settings: Settings) -> Celery:
         worker_enable_soft_shutdown_on_idle=True,
         beat_schedule=_beat_schedule(settings),
         broker_transport_options=_transport_options(settings),
-        task_queues=[Queue(name) for name in QUEUES],
+        # Each queue its own direct exchange and key: with Celery's defaults every queue
+        # would bind to the default queue's exchange and key, and a gpu message reach cpu.
+        task_queues=[
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
+        ],
         task_default_queue=CPU_QUEUE,
         task_routes={TRAIN_TASK: {"queue": CPU_QUEUE}, REAP_TASK: {"queue": MAINTENANCE_QUEUE}},
         worker_hijack_root_logger=False,

@@ -12,7 +12,7 @@ import os
 import signal
 from typing import Any
 
-from celery.signals import worker_init, worker_process_init, worker_shutting_down
+from celery.signals import task_prerun, worker_init, worker_process_init, worker_shutting_down
 
 from shared.celery_app import make_celery
 from shared.config import get_settings
@@ -39,9 +39,17 @@ def _remember_controller(sender: Any = None, **_: Any) -> None:
 
 @worker_process_init.connect
 def _child_started(**_: Any) -> None:
-    """In each pool child: fresh DB connections, and a handler that hands the job back."""
+    """In each pool child: fresh DB connections; ignore hand-back requests while idle."""
     context.after_fork()
     SHUTDOWN.clear()
+    # Ignored, not handled, here: billiard installs its exit handler after this hook on
+    # every signal that is neither ignored nor default-less, so an idle child would die.
+    signal.signal(HAND_BACK_SIGNAL, signal.SIG_IGN)
+
+
+@task_prerun.connect
+def _listen_for_hand_back(**_: Any) -> None:
+    """While a task runs, the hand-back signal stops it at its next log interval."""
     signal.signal(HAND_BACK_SIGNAL, lambda *_: SHUTDOWN.set())
 
 

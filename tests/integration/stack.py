@@ -1,0 +1,126 @@
+"""The running system for integration tests: API and worker processes, an HTTP client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.integration.conftest import free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-c", "from client.cli import main; main()"]
+
+
+class Process:
+    """One ``mnistq`` subprocess in its own session, so it can be killed with its children."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args, self.env, self.log = args, env, log
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        """Start it, appending its output to the log file."""
+        out = self.log.open("ab")
+        self.popen = subprocess.Popen(
+            [*CLI, *self.args], env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the process and every child it has: a machine gone, no goodbyes."""
+        if self.popen is not None and self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM the main process (as docker stop does) and wait for it to exit."""
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=timeout)
+        finally:
+            self.kill()
+
+    def tail(self, chars: int = 3000) -> str:
+        """The end of its log, for failure messages."""
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+def stack_env(
+    *, database_url: str, broker_url: str, var_dir: Path, data_dir: Path
+) -> dict[str, str]:
+    """MNISTQ_* for every process of the test stack: short leases so failures show fast."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNISTQ_")}
+    env.update(
+        MNISTQ_DATABASE_URL=database_url,
+        MNISTQ_BROKER_URL=broker_url,
+        MNISTQ_VAR_DIR=str(var_dir),
+        MNISTQ_ARTIFACT_DIR=str(var_dir / "artifacts"),
+        MNISTQ_DATA_DIR=str(data_dir),
+        MNISTQ_DOWNLOAD_MNIST="false",
+        MNISTQ_LEASE_SECONDS="4",
+        MNISTQ_HEARTBEAT_SECONDS="1",
+        MNISTQ_REAPER_INTERVAL_SECONDS="1",
+        MNISTQ_REQUEUE_GRACE_SECONDS="30",
+    )
+    return env
+
+
+class Api:
+    """``mnistq api`` (gunicorn) on a free port, and a small JSON client for it."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.process = Process(["api", "--port", str(self.port), "--workers", "1"], env, log)
+        self.http = requests.Session()
+
+    def start(self) -> Api:
+        """Start gunicorn and wait until it answers."""
+        self.process.start()
+        wait_for_port(self.port, timeout=30)
+        return self
+
+    def submit(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a job; it must be accepted."""
+        response = self.http.post(f"{self.base}/api/v1/jobs", json=body, timeout=10)
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+    def get(self, path: str) -> Any:
+        """GET a JSON document under /api/v1."""
+        response = self.http.get(f"{self.base}/api/v1{path}", timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """The job's JSON."""
+        return dict(self.get(f"/jobs/{job_id}"))
+
+    def wait(
+        self, job_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 90
+    ) -> dict[str, Any]:
+        """Poll the job every 0.1 s until ``until(job)``; fail with its state after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        job = self.job(job_id)
+        while not until(job):
+            if time.monotonic() > deadline:
+                pytest.fail(f"job {job_id} did not get there in {timeout}s: {job}")
+            time.sleep(0.1)
+            job = self.job(job_id)
+        return job
+
+    def wait_finished(self, job_id: str, timeout: float = 90) -> dict[str, Any]:
+        """Poll until the job is succeeded, failed or cancelled."""
+        finished = ("succeeded", "failed", "cancelled")
+        return self.wait(job_id, lambda job: job["status"] in finished, timeout)
