@@ -13,9 +13,10 @@ import signal
 from typing import Any
 
 from celery.signals import task_prerun, worker_init, worker_process_init, worker_shutting_down
+from pydantic import Field
 
 from shared.celery_app import make_celery
-from shared.config import get_settings
+from shared.config import Settings
 from worker.tasks import SHUTDOWN, make_context, register_tasks
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,15 @@ logger = logging.getLogger(__name__)
 # Sent by the parent to its pool children when the worker shuts down.
 HAND_BACK_SIGNAL = signal.SIGUSR2
 
-settings = get_settings()
+
+class WorkerSettings(Settings):
+    """Settings plus the workers' cap on training batches per epoch (smoke runs, tests)."""
+
+    # TODO(config): belongs in shared.config.Settings; read here until it is there.
+    max_train_batches: int | None = Field(None, ge=1, description="cap on batches per epoch")
+
+
+settings = WorkerSettings()
 app = make_celery(settings)
 context = make_context(settings, app)
 register_tasks(app, context)

@@ -17,6 +17,7 @@ import requests
 from tests.integration.conftest import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
+MAX_TRAIN_BATCHES = 100
 CLI = [sys.executable, "-c", "from client.cli import main; main()"]
 
 
@@ -72,6 +73,8 @@ def stack_env(
         MNISTQ_HEARTBEAT_SECONDS="1",
         MNISTQ_REAPER_INTERVAL_SECONDS="1",
         MNISTQ_REQUEUE_GRACE_SECONDS="30",
+        # Epochs of at most 100 batches keep every run short.
+        MNISTQ_MAX_TRAIN_BATCHES=str(MAX_TRAIN_BATCHES),
     )
     return env
 
