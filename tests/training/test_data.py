@@ -48,3 +48,14 @@ def test_split_head_and_to_keep_pairs_together() -> None:
     assert split.head(3).labels.tolist() == [0, 1, 2]
     assert split.head(None) is split
     assert split.to(torch.device("cpu")) is split
+
+
+@pytest.mark.mnist
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_a_loaded_split_is_copied_to_the_gpu_once(mnist_test: MnistSplit) -> None:
+    device = torch.device("cuda:0")
+    on_gpu = mnist_test.to(device)
+    assert on_gpu.images.device == device and on_gpu.to(device) is on_gpu
+    assert mnist_test.to(device) is on_gpu
+    assert torch.equal(on_gpu.images.cpu(), mnist_test.images)

@@ -14,6 +14,7 @@ from shared.schemas import Hyperparameters
 from worker.training.data import MnistSplit
 from worker.training.devices import configure_threads
 from worker.training.loop import FitResult, fit
+from worker.training.nets import FAST_CNN_SETTINGS
 
 pytestmark = pytest.mark.mnist
 
@@ -93,3 +94,12 @@ def test_model_pth_loads_into_the_tutorial_net_and_scores_the_same(
     test_loss /= len(test_loader.dataset)
     assert correct / 10000 == result.test_accuracy
     assert test_loss == pytest.approx(result.test_loss, rel=1e-5)
+
+
+def test_fast_cnn_passes_99_percent_in_two_epochs_with_its_settings(
+    mnist_train: MnistSplit, mnist_test: MnistSplit, tmp_path: Path
+) -> None:
+    configure_threads(0)
+    hp = Hyperparameters(n_epochs=2, device="cpu", **FAST_CNN_SETTINGS)
+    result = fit(hp, mnist_train, mnist_test, tmp_path, device=torch.device("cpu"))
+    assert result.test_accuracy is not None and result.test_accuracy >= 0.99

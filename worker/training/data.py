@@ -12,6 +12,7 @@ MEAN = 0.1307
 STD = 0.3081
 
 _cache: dict[tuple[Path, bool], MnistSplit] = {}
+_device_cache: dict[tuple[int, str], MnistSplit] = {}
 
 
 class MnistNotFound(Exception):
@@ -29,10 +30,16 @@ class MnistSplit:
         return int(self.labels.shape[0])
 
     def to(self, device: torch.device) -> MnistSplit:
-        """The same split on ``device`` (itself when already there)."""
+        """The same split on ``device``; a loaded split's copy is kept for the next job."""
         if self.images.device == device:
             return self
-        return MnistSplit(self.images.to(device), self.labels.to(device))
+        key = (id(self), str(device))
+        if key in _device_cache:
+            return _device_cache[key]
+        moved = MnistSplit(self.images.to(device), self.labels.to(device))
+        if any(self is split for split in _cache.values()):
+            _device_cache[key] = moved  # ids of cached splits stay valid: the cache holds them
+        return moved
 
     def head(self, n: int | None) -> MnistSplit:
         """The first ``n`` examples (all of them when ``n`` is None)."""

@@ -200,7 +200,12 @@ class _Run:
     started: float = field(default_factory=time.perf_counter)
 
     def seconds(self) -> float:
+        """Wall clock since this fit call started."""
         return time.perf_counter() - self.started
+
+    def epoch_samples(self) -> int:
+        """Examples one epoch trains on (fewer than the split when batches are capped)."""
+        return min(self.n_train, self.steps_per_epoch * self.hp.batch_size_train)
 
     def log_train(self, epoch: int, batch_idx: int, loss: float) -> None:
         """Record the seed's train point: that batch's loss, samples seen before it."""
@@ -230,7 +235,7 @@ class _Run:
         self.hooks.on_progress(Progress(
             epoch, self.hp.n_epochs, step_in_epoch, self.steps_per_epoch,
             self.global_step + step_in_epoch, self.samples_seen + samples_in_epoch,
-            self.hp.n_epochs * self.n_train, rate, self.last_train_loss,
+            self.hp.n_epochs * self.epoch_samples(), rate, self.last_train_loss,
         ))  # fmt: skip
 
 
