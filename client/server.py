@@ -31,6 +31,10 @@ def up_command(host: str, port: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = get_settings()
     upgrade(settings.database_url)
+    # SIGTERM (docker, systemd) stops it like Ctrl-C; SIGINT is set explicitly because a
+    # process started in the background inherits it ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     worker = _start_worker_process()
     stop = threading.Event()
     reaper = threading.Thread(target=_reap_forever, args=(settings, stop), name="reaper")
@@ -43,6 +47,10 @@ def up_command(host: str, port: int) -> None:
         stop.set()
         _stop_worker_process(worker)
         reaper.join(timeout=10)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _start_worker_process() -> subprocess.Popen[bytes]:

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import lease as leases
 from shared.artifacts import ArtifactStore
-from shared.celery_app import TRAIN_TASK, BrokerUnavailable, publish_train
+from shared.celery_app import TRAIN_TASK, publish_train
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
 from shared.lease import Lease, MetricRecord, ProgressUpdate
@@ -308,21 +308,10 @@ def _conclude(
 
 def _hand_back(ctx: WorkerContext, lease: Lease) -> str:
     """Graceful shutdown: queue the job again now; it resumes from its newest checkpoint."""
-    if not leases.release(ctx.session_factory, lease):
-        return "lost"
-    try:
-        job_queue = _queue_of(ctx.session_factory, lease.job_id)
-        # published_at stays NULL: the reaper may publish once more, which claim makes
-        # harmless, and a lost message here is found without waiting out the grace.
-        ctx.publish(lease.job_id, job_queue)
-    except BrokerUnavailable:
-        logger.warning("job %s: released; broker down, the reaper will publish it", lease.job_id)
-    return "released"
-
-
-def _queue_of(factory: sessionmaker[Session], job_id: str) -> str:
-    with factory() as session:
-        return session.scalars(select(Job.queue).where(Job.id == job_id)).one()
+    # Not published from here: this worker is shutting down but may still be consuming, and
+    # would take the message back itself. published_at is NULL, so the next reaper pass
+    # (another worker's beat, or the next `mnistq up`) publishes it.
+    return "released" if leases.release(ctx.session_factory, lease) else "lost"
 
 
 def register_tasks(app: Celery, ctx: WorkerContext) -> None:

@@ -43,10 +43,10 @@ class Process:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(timeout=10)
 
-    def terminate(self, timeout: float = 30) -> int:
-        """SIGTERM the main process (as docker stop does) and wait for it to exit."""
+    def terminate(self, timeout: float = 30, signum: int = signal.SIGTERM) -> int:
+        """Signal the main process (SIGTERM, as docker stop does) and wait for it to exit."""
         assert self.popen is not None
-        self.popen.send_signal(signal.SIGTERM)
+        self.popen.send_signal(signum)
         try:
             return self.popen.wait(timeout=timeout)
         finally:
@@ -80,12 +80,15 @@ def stack_env(
 
 
 class Api:
-    """``mnistq api`` (gunicorn) on a free port, and a small JSON client for it."""
+    """``mnistq api`` (gunicorn) or ``mnistq up`` on a free port, and a JSON client for it."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, command: str = "api") -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.process = Process(["api", "--port", str(self.port), "--workers", "1"], env, log)
+        args = [command, "--port", str(self.port)]
+        if command == "api":
+            args += ["--workers", "1"]
+        self.process = Process(args, env, log)
         self.http = requests.Session()
 
     def start(self) -> Api:
