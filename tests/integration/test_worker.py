@@ -194,6 +194,33 @@ def test_an_error_in_training_fails_the_job_without_retrying(stack: Stack) -> No
     )  # fmt: skip
 
 
+def test_cancelling_a_running_job_stops_it_at_the_next_heartbeat(stack: Stack) -> None:
+    job_id = stack.api.submit({"hyperparameters": {"n_epochs": 2, **SLOW}})["id"]
+    stack.api.wait(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] > 0)
+    asked = time.monotonic()
+    response = stack.api.http.post(f"{stack.api.base}/api/v1/jobs/{job_id}/cancel", timeout=10)
+    assert response.status_code == 202, response.text
+    job = stack.api.wait_finished(job_id, timeout=30)
+    print(f"cancel → cancelled: {time.monotonic() - asked:.2f}s")
+    assert (job["status"], job["attempt"]) == ("cancelled", 1)
+    assert job["finished_at"] is not None and job["test_accuracy"] is None
+
+
+def test_a_job_submitted_while_redis_is_down_runs_once_it_is_back(
+    stack: Stack, redis_server: RedisServer
+) -> None:
+    redis_server.stop()
+    try:
+        started = time.monotonic()
+        job = stack.api.submit({"hyperparameters": {"n_epochs": 1, **QUICK}})
+        assert time.monotonic() - started < 10
+        assert (job["status"], job["published_at"]) == ("queued", None)
+    finally:
+        redis_server.start()  # empty: whatever it held is lost, as after a crash
+    done = stack.api.wait_finished(job["id"], timeout=60)
+    assert (done["status"], done["attempt"]) == ("succeeded", 1)
+
+
 def test_a_worker_shut_down_gracefully_hands_its_job_back_at_once(stack: Stack) -> None:
     job_id = stack.api.submit({"hyperparameters": {"n_epochs": 2, **SLOW}})["id"]
     stack.api.wait(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] > 0)
