@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # Training processes.
     train_threads: int = Field(0, ge=0, description="torch threads per job; 0 = all cores")
     download_mnist: bool = Field(True, description="let torchvision download MNIST if missing")
+    max_train_batches: int | None = Field(
+        None, ge=1, description="cap on training batches per epoch (smoke runs, tests)"
+    )
 
     # Reliability protocol (docs/architecture.md, "Job lifecycle").
     lease_seconds: float = Field(30.0, gt=0)

@@ -13,7 +13,6 @@ import signal
 from typing import Any
 
 from celery.signals import task_prerun, worker_init, worker_process_init, worker_shutting_down
-from pydantic import Field
 
 from shared.celery_app import make_celery
 from shared.config import Settings
@@ -25,14 +24,7 @@ logger = logging.getLogger(__name__)
 HAND_BACK_SIGNAL = signal.SIGUSR2
 
 
-class WorkerSettings(Settings):
-    """Settings plus the workers' cap on training batches per epoch (smoke runs, tests)."""
-
-    # TODO(config): belongs in shared.config.Settings; read here until it is there.
-    max_train_batches: int | None = Field(None, ge=1, description="cap on batches per epoch")
-
-
-settings = WorkerSettings()
+settings = Settings()
 app = make_celery(settings)
 context = make_context(settings, app)
 register_tasks(app, context)

@@ -283,7 +283,7 @@ def _train(ctx: WorkerContext, lease: Lease, flags: StopFlags) -> str:
     writer = JobWriter(ctx, lease, flags)
     result = fit(
         hp, train, test, ctx.store.job_dir(lease.job_id), device=device, hooks=writer.hooks(),
-        resume=resume, max_train_batches=getattr(settings, "max_train_batches", None),
+        resume=resume, max_train_batches=settings.max_train_batches,
     )  # fmt: skip
     return _conclude(ctx, lease, flags, result, writer)
 
