@@ -20,6 +20,8 @@ from worker.training.checkpoints import (
 from worker.training.data import MnistSplit
 from worker.training.loop import FitResult, Hooks, MetricPoint, Progress, evaluate, fit
 
+from .conftest import WithLrGamma
+
 CPU = torch.device("cpu")
 
 
@@ -220,3 +222,15 @@ def test_limits_cut_batches_and_test_samples(
     assert (test_point.step, test_point.samples_seen) == (4, 256)
     assert result.test_accuracy is not None
     assert math.isclose(result.test_accuracy * 30, round(result.test_accuracy * 30))
+
+
+def test_lr_gamma_decays_the_rate_per_epoch_and_survives_resume(
+    tiny_train: MnistSplit, tiny_test: MnistSplit, tmp_path: Path
+) -> None:
+    hp = WithLrGamma(**tiny_hp(n_epochs=3).model_dump(), lr_gamma=0.5)
+    straight = run(hp, tiny_train, tiny_test, tmp_path / "a", max_train_batches=3)
+    group = torch.load(tmp_path / "a" / "optimizer.pth", weights_only=True)["param_groups"][0]
+    assert group["lr"] == pytest.approx(0.05 * 0.25)
+    ckpt = load_checkpoint(tmp_path / "a" / "checkpoints" / "epoch-1.pt")
+    resumed = run(hp, tiny_train, tiny_test, tmp_path / "b", max_train_batches=3, resume=ckpt)
+    assert [p.loss for p in resumed.metrics] == pytest.approx([p.loss for p in straight.metrics])

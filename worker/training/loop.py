@@ -125,6 +125,18 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, hp: Hyperparameters)
             group["betas"] = (hp.momentum, group["betas"][1])
 
 
+def _set_epoch_learning_rate(
+    optimizer: torch.optim.Optimizer, hp: Hyperparameters, epoch: int
+) -> None:
+    """Step decay per epoch, lr * lr_gamma ** (epoch - 1), when the schema has ``lr_gamma``."""
+    # Computed from the epoch alone, so a resumed run needs no scheduler state. Without the
+    # field (or at 1.0) the rate stays constant, as in the seed recipe.
+    gamma = getattr(hp, "lr_gamma", 1.0)
+    if gamma != 1.0:
+        for group in optimizer.param_groups:
+            group["lr"] = hp.learning_rate * gamma ** (epoch - 1)
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -318,6 +330,7 @@ def fit(
     for epoch in range(first_epoch, hp.n_epochs + 1):
         if hooks.should_stop():
             return _result("stopped", epoch - 1, run, device)
+        _set_epoch_learning_rate(optimizer, hp, epoch)
         done = train_epoch(
             model, optimizer, train, epoch=epoch, batch_size=hp.batch_size_train,
             log_interval=hp.log_interval, generator=generator, device=device,

@@ -39,9 +39,10 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class FastNet(nn.Module):
-    """``fast_cnn``: a small batch-normalized CNN that passes 99% test accuracy in 2 epochs.
+    """``fast_cnn``: a small batch-normalized CNN, 99% test accuracy in 2 epochs on a CPU.
 
-    Recommended settings: optimizer adam, learning_rate 0.003, batch_size_train 128.
+    Train it with ``FAST_CNN_SETTINGS``. At a constant learning rate it plateaus near 98.8%
+    after 2 epochs; the per-epoch decay (lr_gamma 0.1) takes it past 99%.
     """
 
     def __init__(self) -> None:
@@ -58,6 +59,16 @@ class FastNet(nn.Module):
         x = self.features(x).flatten(1)  # (B, 576)
         return F.log_softmax(self.fc(self.drop(x)), dim=1)
 
+
+# Recommended hyperparameters for fast_cnn (Adam's beta1 is the momentum field).
+FAST_CNN_SETTINGS: dict[str, object] = {
+    "model": "fast_cnn",
+    "optimizer": "adam",
+    "learning_rate": 0.003,
+    "momentum": 0.9,
+    "batch_size_train": 128,
+    "lr_gamma": 0.1,
+}
 
 MODELS: dict[str, type[nn.Module]] = {"tutorial_cnn": Net, "fast_cnn": FastNet}
 
