@@ -19,9 +19,11 @@ from shared.schemas import (
     JobOut,
     MetricPointOut,
     ProgressOut,
+    QueueStatusOut,
     ResumeFromOut,
     TestMetricOut,
 )
+from shared.workers import queue_status
 
 
 def dump(model: BaseModel) -> dict[str, Any]:
@@ -113,7 +115,12 @@ def _resume(job: Job) -> ResumeFromOut | None:
     return ResumeFromOut(job_id=job.resume_from_job_id, epoch=job.resume_from_epoch)
 
 
-def job_out(job: Job, artifacts: Sequence[Artifact], tests: Sequence[Metric]) -> JobOut:
+def job_out(
+    job: Job,
+    artifacts: Sequence[Artifact],
+    tests: Sequence[Metric],
+    waiting: QueueStatusOut | None = None,
+) -> JobOut:
     """A job row with its artifacts and per-epoch test results as the API shows it."""
     return JobOut(
         id=job.id,
@@ -144,6 +151,7 @@ def job_out(job: Job, artifacts: Sequence[Artifact], tests: Sequence[Metric]) ->
         resume_from=_resume(job),
         artifacts=[artifact_out(a) for a in artifacts],
         links=_links(job.id),
+        queue_status=waiting,
     )
 
 
@@ -151,7 +159,20 @@ def jobs_json(session: Session, jobs: Sequence[Job]) -> list[dict[str, Any]]:
     """Jobs as JSON, loading their artifacts and test results in two queries in all."""
     ids = [job.id for job in jobs]
     artifacts, tests = artifacts_of(session, ids), epoch_results(session, ids)
-    return [dump(job_out(job, artifacts[job.id], tests[job.id])) for job in jobs]
+    waiting = queue_status_out(session, jobs)
+    return [
+        dump(job_out(job, artifacts[job.id], tests[job.id], waiting.get(job.id))) for job in jobs
+    ]
+
+
+def queue_status_out(session: Session, jobs: Sequence[Job]) -> dict[str, QueueStatusOut]:
+    """Where each queued job of ``jobs`` waits (two more queries only when one is queued)."""
+    return {
+        job_id: QueueStatusOut(
+            position=status.position, live_workers=status.live_workers, message=status.message
+        )
+        for job_id, status in queue_status(session, jobs).items()
+    }
 
 
 def job_json(session: Session, job: Job) -> dict[str, Any]:

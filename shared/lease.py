@@ -414,7 +414,7 @@ def _due_for_publish(
         (job_id, queue, published)
         for job_id, queue, published, queued in rows
         if published is None
-        or _backoff_over(_utc(published), _utc(queued or published), now, grace)
+        or _backoff_over(as_utc(published), as_utc(queued or published), now, grace)
     ]
     return due[:limit]
 
@@ -428,7 +428,8 @@ def _backoff_over(published: datetime, queued: datetime, now: datetime, grace: t
     return now - published >= wait
 
 
-def _utc(moment: datetime) -> datetime:
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` as an aware UTC datetime."""
     # SQLite hands back naive datetimes (UTC by construction), PostgreSQL aware ones.
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 

@@ -151,3 +151,19 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class Worker(Base):
+    """A running worker process, as its own heartbeat last described it (the registry)."""
+
+    __tablename__ = "worker"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # random, one per process
+    name: Mapped[str] = mapped_column(String(255))  # the Celery node name, e.g. celery@host
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int]
+    queues: Mapped[str] = mapped_column(String(255))  # comma-separated, e.g. "cpu,maintenance"
+    concurrency: Mapped[int]
+    heartbeat_seconds: Mapped[float] = mapped_column(Float)  # liveness is judged by its own beat
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

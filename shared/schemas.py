@@ -192,6 +192,14 @@ class JobLinksOut(BaseModel):
     cancel: str
 
 
+class QueueStatusOut(BaseModel):
+    """Where a queued job waits: its place in its queue and how many live workers serve it."""
+
+    position: int = Field(description="1 = next to be taken from its queue")
+    live_workers: int = Field(description="workers alive now that consume from this queue")
+    message: str | None = Field(description="why it may wait forever, e.g. no worker serves it")
+
+
 class JobOut(BaseModel):
     """A job as the API shows it."""
 
@@ -221,6 +229,7 @@ class JobOut(BaseModel):
     resume_from: ResumeFromOut | None
     artifacts: list[ArtifactOut]
     links: JobLinksOut
+    queue_status: QueueStatusOut | None = Field(None, description="only while queued")
 
 
 class JobPageOut(BaseModel):

@@ -12,10 +12,17 @@ import os
 import signal
 from typing import Any
 
-from celery.signals import task_prerun, worker_init, worker_process_init, worker_shutting_down
+from celery.signals import (
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutting_down,
+)
 
 from shared.celery_app import make_celery
 from shared.config import Settings
+from worker.registry import RegistryBeat
 from worker.tasks import SHUTDOWN, make_context, register_tasks
 
 logger = logging.getLogger(__name__)
@@ -28,6 +35,7 @@ settings = Settings()
 app = make_celery(settings)
 context = make_context(settings, app)
 register_tasks(app, context)
+registry = RegistryBeat(settings)
 
 _controller: list[Any] = []
 
@@ -42,10 +50,19 @@ def _remember_controller(sender: Any = None, **_: Any) -> None:
 def _child_started(**_: Any) -> None:
     """In each pool child: fresh DB connections; ignore hand-back requests while idle."""
     context.after_fork()
+    registry.after_fork()
     SHUTDOWN.clear()
     # Ignored, not handled, here: billiard installs its exit handler after this hook on
     # every signal that is neither ignored nor default-less, so an idle child would die.
     signal.signal(HAND_BACK_SIGNAL, signal.SIG_IGN)
+
+
+@worker_ready.connect
+def _register(sender: Any = None, **_: Any) -> None:
+    """Tell the registry (and so the API) this worker is alive and which queues it serves."""
+    controller = _controller[0] if _controller else None
+    concurrency = int(getattr(controller, "concurrency", 0) or 1)
+    registry.start(sender.hostname, app.amqp.queues.consume_from.keys(), concurrency)
 
 
 @task_prerun.connect
@@ -64,3 +81,5 @@ def _tell_children(**_: Any) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):  # the child just exited
             os.kill(pid, HAND_BACK_SIGNAL)
+    # From now on this worker takes no new job: the API must not count it as serving.
+    registry.stop()

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import make_engine, make_session_factory
 from shared.migrate import upgrade
-from shared.models import Artifact, Job, Metric
+from shared.models import Artifact, Job, Metric, Worker
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -121,7 +121,7 @@ def pg_url(make_pg_database: Callable[[], str]) -> str:
 def clear_tables(factory: sessionmaker[Session]) -> None:
     """Delete every row, children first."""
     with factory() as session, session.begin():
-        for table in (Metric, Artifact, Job):
+        for table in (Metric, Artifact, Job, Worker):
             session.execute(delete(table))
 
 
@@ -129,3 +129,23 @@ def engine_and_factory(url: str) -> tuple[Engine, sessionmaker[Session]]:
     """An engine and its session factory, as the processes build them."""
     engine = make_engine(url)
     return engine, make_session_factory(engine)
+
+
+@pytest.fixture(scope="module")
+def pg_module_url(make_pg_database: Callable[[], str]) -> str:
+    """A database of the test module's own: queries over every row see only its rows."""
+    return make_pg_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A session factory on a migrated, empty database of each kind."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'test.db'}"
+        upgrade(url)
+    else:
+        url = request.getfixturevalue("pg_module_url")
+    engine, session_factory = engine_and_factory(url)
+    clear_tables(session_factory)
+    yield session_factory
+    engine.dispose()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
@@ -13,31 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import lease as leases
 from shared.lease import Lease, MetricRecord, ProgressUpdate
-from shared.migrate import upgrade
 from shared.models import Artifact, Job, JobStatus, Metric, utcnow
-from tests.integration.conftest import clear_tables, engine_and_factory
 
 Factory = sessionmaker[Session]
-
-
-@pytest.fixture(scope="module")
-def pg_lease_url(make_pg_database: Callable[[], str]) -> str:
-    """A database of this module's own: the reaper queries see every row in it."""
-    return make_pg_database()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
-    """A session factory on a migrated, empty database of each kind."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'lease.db'}"
-        upgrade(url)
-    else:
-        url = request.getfixturevalue("pg_lease_url")
-    engine, session_factory = engine_and_factory(url)
-    clear_tables(session_factory)
-    yield session_factory
-    engine.dispose()
 
 
 def add_job(factory: Factory, **values: object) -> str:

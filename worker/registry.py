@@ -1,0 +1,78 @@
+"""The worker's side of the registry: a thread in the main process that says it is alive.
+
+Started when the Celery worker is ready, stopped (and the row deleted) when it shuts down.
+It runs in the prefork parent, so it imports nothing of torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterable
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import workers
+from shared.config import Settings
+from shared.db import make_engine, make_session_factory
+from shared.workers import WorkerInfo
+
+logger = logging.getLogger(__name__)
+
+
+class RegistryBeat:
+    """Upserts this worker's registry row every heartbeat interval until stopped."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.info: WorkerInfo | None = None
+        self._engine: Engine | None = None
+        self._factory: sessionmaker[Session] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, name: str, queues: Iterable[str], concurrency: int) -> None:
+        """Register this process and keep its row fresh from a daemon thread."""
+        self.info = WorkerInfo(
+            id=workers.new_worker_id(), name=name, hostname=socket.gethostname(),
+            pid=os.getpid(), queues=tuple(sorted(queues)), concurrency=concurrency,
+            heartbeat_seconds=self.settings.heartbeat_seconds,
+        )  # fmt: skip
+        self._engine = make_engine(self.settings.database_url)
+        self._factory = make_session_factory(self._engine)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="worker-registry", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating and delete the row: the worker serves no queue any more."""
+        if self._thread is None or self.info is None or self._factory is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._thread = None
+        try:
+            workers.remove(self._factory, self.info.id)
+        except DBAPIError:
+            logger.warning("worker registry: could not remove this worker's row", exc_info=True)
+
+    def after_fork(self) -> None:
+        """In a pool child: drop the parent's connections without closing them under it."""
+        if self._engine is not None:
+            self._engine.dispose(close=False)
+        self._engine, self._factory, self._thread = None, None, None
+
+    def _run(self) -> None:
+        assert self.info is not None and self._factory is not None
+        while True:
+            try:
+                workers.beat(self._factory, self.info)
+            except DBAPIError:
+                # Not live for the API until the database answers again; nothing else to do.
+                logger.warning("worker registry: beat failed", exc_info=True)
+            if self._stop.wait(self.settings.heartbeat_seconds):
+                return
