@@ -19,7 +19,20 @@ def celery_publisher(settings: Settings) -> Publish:
 
 def create_app(settings: Settings | None = None, *, publish: Publish | None = None) -> Flask:
     """Build the API for ``settings`` (default: from the environment); tests pass ``publish``."""
-    from api import artifacts, db, errors, extensions, health, jobs, openapi
+    from api import (
+        artifacts,
+        auth,
+        db,
+        docs,
+        errors,
+        extensions,
+        health,
+        jobs,
+        limits,
+        openapi,
+        security,
+        users,
+    )
 
     settings = settings or get_settings()
     app = Flask(__name__)
@@ -30,6 +43,9 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     extensions.init_app(app, services)
     db.init_app(app, settings.database_url)
     errors.init_app(app)
-    for blueprint in (jobs.bp, artifacts.bp, health.bp, openapi.bp):
+    auth.init_app(app)
+    limits.init_app(app, settings)
+    security.init_app(app, settings)
+    for blueprint in (jobs.bp, artifacts.bp, health.bp, users.bp, openapi.bp, docs.bp):
         app.register_blueprint(blueprint)
     return app

@@ -7,6 +7,7 @@ from pathlib import PurePosixPath
 from flask import Blueprint, send_file
 from flask.typing import ResponseReturnValue
 
+from api.auth import owner_scope
 from api.db import get_session
 from api.extensions import services
 from api.openapi import operation
@@ -27,6 +28,13 @@ CONTENT_TYPES = {
 }
 
 
+# For the OpenAPI document: every media type a download may have, without parameters.
+DOWNLOAD_MEDIA_TYPES = (
+    *sorted({media.split(";")[0] for media in CONTENT_TYPES.values()}),
+    "application/octet-stream",
+)
+
+
 def content_type(name: str) -> str:
     """The media type an artifact is served as; checkpoints and models are opaque bytes."""
     return CONTENT_TYPES.get(PurePosixPath(name).suffix.lower(), "application/octet-stream")
@@ -37,7 +45,7 @@ def content_type(name: str) -> str:
 def index(job_id: str) -> ResponseReturnValue:
     """Name, kind, size, sha256 and download URL of each file the job produced."""
     session = get_session()
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, owner_id=owner_scope())
     items = [artifact_out(a) for a in artifacts_of(session, [job.id])[job.id]]
     return dump(ArtifactListOut(job_id=job.id, items=items))
 
@@ -45,14 +53,14 @@ def index(job_id: str) -> ResponseReturnValue:
 @bp.get("/<path:name>")
 @operation(
     summary="Download an artifact",
-    responses={200: "application/octet-stream"},
+    responses={200: DOWNLOAD_MEDIA_TYPES},
     errors=(400, 404, 503),
 )
 def download(job_id: str, name: str) -> ResponseReturnValue:
     """The file itself, as an attachment, with its length and an ETag of its sha256."""
     validate_name(name)
     session = get_session()
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, owner_id=owner_scope())
     artifact = get_artifact(session, job.id, name)
     path = services().store.open_existing(job.id, artifact.name)
     return send_file(

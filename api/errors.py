@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flask import Flask, Response, jsonify
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
+from werkzeug.exceptions import (
+    HTTPException,
+    MethodNotAllowed,
+    RequestEntityTooLarge,
+    TooManyRequests,
+)
 
 from shared.artifacts import ArtifactNotFound, InvalidArtifactName
 from shared.celery_app import BrokerUnavailable
@@ -20,9 +25,11 @@ from shared.jobs import (
     InvalidJobRequest,
     JobConflict,
     JobNotFound,
+    TooManyQueuedJobs,
 )
 
 logger = logging.getLogger(__name__)
+QUEUE_FULL_RETRY_SECONDS = 30  # a guess at when a queued job will have started
 
 Loc = Sequence[str | int]
 
@@ -30,12 +37,20 @@ Loc = Sequence[str | int]
 class ApiError(Exception):
     """An error response: HTTP status, short code, sentence and optional details."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.headers = dict(headers or {})
 
 
 def field_error(loc: Loc, msg: str, kind: str = "value_error") -> dict[str, Any]:
@@ -65,7 +80,9 @@ def error_response(status: int, code: str, message: str, details: Any = None) ->
 
 
 def _api_error(exc: ApiError) -> Response:
-    return error_response(exc.status, exc.code, exc.message, exc.details)
+    response = error_response(exc.status, exc.code, exc.message, exc.details)
+    response.headers.update(exc.headers)
+    return response
 
 
 def _http_error(exc: HTTPException) -> Response:
@@ -74,6 +91,8 @@ def _http_error(exc: HTTPException) -> Response:
     message = exc.description or exc.name or "error"
     if isinstance(exc, RequestEntityTooLarge):
         code, message = "payload_too_large", "the request body is larger than this API accepts"
+    if isinstance(exc, TooManyRequests):
+        code, message = "rate_limited", f"too many requests: at most {exc.description}; retry later"
     response = error_response(status, code, message)
     if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
         response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
@@ -104,6 +123,12 @@ def _unexpected(exc: Exception) -> Response:
     return error_response(500, "internal_error", "an unexpected error occurred; it was logged")
 
 
+def _queue_full(exc: TooManyQueuedJobs) -> Response:
+    response = error_response(429, "too_many_queued_jobs", str(exc))
+    response.headers["Retry-After"] = str(QUEUE_FULL_RETRY_SECONDS)
+    return response
+
+
 def _simple(status: int, code: str) -> Callable[[Exception], Response]:
     """A handler answering ``status`` with the exception's own message."""
 
@@ -122,6 +147,7 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(InvalidArtifactName, _simple(400, "invalid_artifact_name"))
     app.register_error_handler(JobConflict, _simple(409, "job_state_conflict"))
     app.register_error_handler(IdempotencyKeyReused, _simple(422, "idempotency_key_reused"))
+    app.register_error_handler(TooManyQueuedJobs, _queue_full)
     app.register_error_handler(InvalidJobRequest, _invalid_request)
     app.register_error_handler(InvalidCursor, _invalid_cursor)
     for db_error in (OperationalError, InterfaceError, PoolTimeout):

@@ -7,6 +7,7 @@ from flask.typing import ResponseReturnValue
 from kombu import Connection
 from sqlalchemy import text
 
+from api.auth import public
 from api.db import get_engine
 from api.extensions import services
 from api.openapi import operation
@@ -48,6 +49,7 @@ def check_broker(settings: Settings) -> ComponentHealthOut:
 
 @bp.get("/health")
 @operation(summary="Database and broker reachability", responses={200: HealthOut, 503: HealthOut})
+@public
 def health() -> ResponseReturnValue:
     """200 when the database and the broker answer, 503 naming the one that does not."""
     database = check_database()

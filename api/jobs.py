@@ -8,9 +8,11 @@ from flask import Blueprint, url_for
 from flask.typing import ResponseReturnValue
 from sqlalchemy.orm import Session
 
+from api.auth import current_user, owner_scope
 from api.db import get_session
 from api.extensions import services
 from api.inputs import IDEMPOTENCY_HEADER, idempotency_key, json_body, query_args
+from api.limits import check_submit_rate
 from api.openapi import operation
 from api.serialize import dump, job_json, jobs_json, metric_out
 from shared.celery_app import BrokerUnavailable
@@ -46,19 +48,28 @@ def _publish(session: Session, job: Job) -> None:
     body=JobCreate,
     headers={
         IDEMPOTENCY_HEADER: "repeat a submission safely: the same key and body return the "
-        "same job with 200; the same key with another body is 422 idempotency_key_reused"
+        "same job with 200; the same key with another body is 422 idempotency_key_reused. "
+        "Keys are per user."
     },
     responses={201: JobOut, 200: JobOut},
-    errors=(400, 413, 422, 503),
+    errors=(400, 413, 422, 429, 503),
 )
 def create() -> ResponseReturnValue:
     """Validate and store a job, then publish it; 201, or 200 when the key was seen before."""
+    check_submit_rate()
     body = json_body(JobCreate)
     key = idempotency_key()
     session = get_session()
     # The row is committed before publishing (outbox): a lost message is re-sent by the
     # reaper, a message for a row that does not exist could not be.
-    job, created = create_job(session, body, idempotency_key=key)
+    job, created = create_job(
+        session,
+        body,
+        idempotency_key=key,
+        owner_id=current_user().id,
+        sees_all=current_user().is_admin,
+        max_queued=services().settings.max_queued_jobs_per_user,
+    )
     if created:
         _publish(session, job)
     location = url_for("jobs.get", job_id=job.id)
@@ -73,7 +84,7 @@ def create() -> ResponseReturnValue:
     errors=(422, 503),
 )
 def index() -> ResponseReturnValue:
-    """One page of jobs, optionally only those in the given states."""
+    """One page of the caller's jobs (an admin's: everyone's), optionally by state."""
     query = query_args(ListJobsQuery)
     session = get_session()
     jobs, cursor = list_jobs(
@@ -81,6 +92,7 @@ def index() -> ResponseReturnValue:
         statuses=query.status,
         limit=query.limit or services().settings.page_size,
         cursor=query.cursor,
+        owner_id=owner_scope(),
     )
     return {"items": jobs_json(session, jobs), "next_cursor": cursor}
 
@@ -90,7 +102,7 @@ def index() -> ResponseReturnValue:
 def get(job_id: str) -> ResponseReturnValue:
     """Status, progress, results, artifacts and links of one job."""
     session = get_session()
-    return job_json(session, get_job(session, job_id))
+    return job_json(session, get_job(session, job_id, owner_id=owner_scope()))
 
 
 @bp.post("/<job_id>/cancel")
@@ -98,7 +110,7 @@ def get(job_id: str) -> ResponseReturnValue:
 def cancel(job_id: str) -> ResponseReturnValue:
     """Cancel a queued job now or ask a running one to stop; 409 for a finished job."""
     session = get_session()
-    return job_json(session, request_cancel(session, job_id)), 202
+    return job_json(session, request_cancel(session, job_id, owner_id=owner_scope())), 202
 
 
 @bp.get("/<job_id>/metrics")
@@ -106,7 +118,7 @@ def cancel(job_id: str) -> ResponseReturnValue:
 def metrics(job_id: str) -> ResponseReturnValue:
     """The train-loss series and the per-epoch test series."""
     session = get_session()
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, owner_id=owner_scope())
     train, test = metric_series(session, job.id)
     out = MetricsOut(
         job_id=job.id, train=[metric_out(m) for m in train], test=[metric_out(m) for m in test]

@@ -12,6 +12,7 @@ from flask.typing import ResponseReturnValue
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from api.auth import is_public, public
 from shared.schemas import ErrorOut
 
 bp = Blueprint("openapi", __name__)
@@ -22,11 +23,35 @@ REF = "#/components/schemas/{model}"
 _CONVERTER = re.compile(r"<(?:[a-z]+:)?([a-z_]+)>")
 ERROR_TEXT = {
     400: "malformed request",
+    401: "no token, a malformed Authorization header, or an unknown or revoked token",
+    403: "the token's user may not do this",
     404: "no such job or artifact",
     409: "the job's state does not allow this",
     413: "request body too large",
     422: "invalid fields, each named in details",
+    429: "too many submissions for this token, or too many queued jobs; see Retry-After",
     503: "database or broker unavailable",
+}
+
+
+DESCRIPTION = (
+    "MNIST training jobs. Every route except health and this document needs the header "
+    "`Authorization: Bearer <token>`; `mnistq users create NAME` prints a token."
+)
+SCHEME = "bearerAuth"
+SECURITY_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "an API token (mnq_…) from `mnistq users create` or `mnistq tokens create`",
+}
+PATH_PARAMETERS: dict[str, dict[str, Any]] = {
+    "job_id": {"type": "string", "maxLength": 64},
+    "name": {"type": "string", "maxLength": 255},
+}
+RESPONSE_HEADERS = {
+    201: ("Location", "the URL of the new job"),
+    401: ("WWW-Authenticate", 'Bearer realm="mnistq", with error="invalid_token" for bad tokens'),
+    429: ("Retry-After", "seconds until a submission may succeed"),
 }
 
 
@@ -35,7 +60,8 @@ class Operation:
     """What one route takes and answers, for the OpenAPI document."""
 
     summary: str
-    responses: Mapping[int, type[BaseModel] | str]  # a model, or a media type for files
+    # A model, or the media types a file may be served as.
+    responses: Mapping[int, type[BaseModel] | tuple[str, ...]]
     body: type[BaseModel] | None = None
     query: type[BaseModel] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
@@ -52,22 +78,35 @@ def operation(**kwargs: Any) -> Callable[[F], F]:
     return attach
 
 
-def _operations(app: Flask) -> list[tuple[str, str, str, Operation]]:
-    """(path, method, endpoint, operation) of every documented route."""
+@dataclass(frozen=True)
+class Route:
+    """One documented method of one path."""
+
+    path: str
+    method: str
+    endpoint: str
+    op: Operation
+    public: bool
+
+
+def _operations(app: Flask) -> list[Route]:
+    """Every documented route, one per method."""
     found = []
     for rule in app.url_map.iter_rules():
-        op = getattr(app.view_functions[rule.endpoint], "openapi", None)
+        view = app.view_functions[rule.endpoint]
+        op = getattr(view, "openapi", None)
         if op is None:
             continue
         path = _CONVERTER.sub(r"{\1}", rule.rule)
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
-            found.append((path, method.lower(), rule.endpoint, op))
+            found.append(Route(path, method.lower(), rule.endpoint, op, is_public(view)))
     return found
 
 
-def _models(ops: list[tuple[str, str, str, Operation]]) -> list[tuple[type[BaseModel], Mode]]:
+def _models(ops: list[Route]) -> list[tuple[type[BaseModel], Mode]]:
     models: dict[tuple[type[BaseModel], Mode], None] = {(ErrorOut, "serialization"): None}
-    for *_, op in ops:
+    for route in ops:
+        op = route.op
         if op.body is not None:
             models[(op.body, "validation")] = None
         for answer in op.responses.values():
@@ -92,7 +131,12 @@ def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
 
 def _parameters(path: str, op: Operation) -> list[dict[str, Any]]:
     params: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": PATH_PARAMETERS.get(name, {"type": "string"}),
+        }
         for name in re.findall(r"{([a-z_]+)}", path)
     ]
     params += [
@@ -108,29 +152,45 @@ def _parameters(path: str, op: Operation) -> list[dict[str, Any]]:
     return params + (_query_parameters(op.query) if op.query else [])
 
 
-def _response(answer: type[BaseModel] | str, refs: Mapping[Any, Any], text: str) -> dict[str, Any]:
-    if isinstance(answer, str):
-        return {
-            "description": text,
-            "content": {answer: {"schema": {"type": "string", "format": "binary"}}},
-        }
-    schema = refs[(answer, "serialization")]
-    return {"description": text, "content": {"application/json": {"schema": schema}}}
-
-
-def _operation_object(
-    path: str, endpoint: str, op: Operation, refs: Mapping[Any, Any]
+def _response(
+    answer: type[BaseModel] | tuple[str, ...], refs: Mapping[Any, Any], text: str, code: int
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"operationId": endpoint.replace(".", "_"), "summary": op.summary}
-    params = _parameters(path, op)
+    out: dict[str, Any] = {"description": text}
+    if isinstance(answer, tuple):
+        binary = {"schema": {"type": "string", "format": "binary"}}
+        out["content"] = {media: binary for media in answer}
+    else:
+        schema = refs[(answer, "serialization")]
+        out["content"] = {"application/json": {"schema": schema}}
+    if code in RESPONSE_HEADERS:
+        name, description = RESPONSE_HEADERS[code]
+        out["headers"] = {name: {"description": description, "schema": {"type": "string"}}}
+    return out
+
+
+def _error_codes(route: Route) -> tuple[int, ...]:
+    """The route's own errors, 401 for every route that needs a token, and 500."""
+    auth = () if route.public else (401,)
+    return tuple(sorted({*route.op.errors, *auth, 500}))
+
+
+def _operation_object(route: Route, refs: Mapping[Any, Any]) -> dict[str, Any]:
+    op = route.op
+    out: dict[str, Any] = {"operationId": route.endpoint.replace(".", "_"), "summary": op.summary}
+    if route.public:
+        out["security"] = []  # overrides the document's default: no token needed
+    params = _parameters(route.path, op)
     if params:
         out["parameters"] = params
     if op.body is not None:
         schema = refs[(op.body, "validation")]
         out["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
-    responses = {str(code): _response(ans, refs, "success") for code, ans in op.responses.items()}
-    for code in (*op.errors, 500):
-        responses[str(code)] = _response(ErrorOut, refs, ERROR_TEXT.get(code, "unexpected error"))
+    responses = {
+        str(code): _response(ans, refs, "success", code) for code, ans in op.responses.items()
+    }
+    for code in _error_codes(route):
+        text = ERROR_TEXT.get(code, "unexpected error")
+        responses[str(code)] = _response(ErrorOut, refs, text, code)
     out["responses"] = responses
     return out
 
@@ -140,17 +200,22 @@ def build_document(app: Flask) -> dict[str, Any]:
     ops = _operations(app)
     refs, defs = models_json_schema(_models(ops), ref_template=REF)
     paths: dict[str, dict[str, Any]] = {}
-    for path, method, endpoint, op in ops:
-        paths.setdefault(path, {})[method] = _operation_object(path, endpoint, op, refs)
+    for route in ops:
+        paths.setdefault(route.path, {})[route.method] = _operation_object(route, refs)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "mnistq", "version": "1", "description": "MNIST training jobs"},
+        "info": {"title": "mnistq", "version": "1", "description": DESCRIPTION},
         "paths": paths,
-        "components": {"schemas": defs.get("$defs", {})},
+        "components": {
+            "schemas": defs.get("$defs", {}),
+            "securitySchemes": {SCHEME: SECURITY_SCHEME},
+        },
+        "security": [{SCHEME: []}],
     }
 
 
 @bp.get("/openapi.json")
+@public
 def document() -> ResponseReturnValue:
     """The OpenAPI document of this API."""
     return jsonify(build_document(current_app))

@@ -41,10 +41,31 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, gt=0)
     page_size: int = Field(50, ge=1, le=500)
 
+    # Limits and exposure of the HTTP API.
+    max_queued_jobs_per_user: int = Field(100, ge=1, description="queued jobs one user may have")
+    submit_rate_limit: str = Field(
+        "30/minute", min_length=1, description="job submissions per token, e.g. '30/minute'"
+    )
+    cors_origins: str = Field(
+        "", description="comma-separated origins allowed cross-origin calls; empty: CORS off"
+    )
+
     @property
     def broker_dir(self) -> Path:
         """Folder the embedded ``filesystem://`` broker keeps its messages in."""
         return self.var_dir / "broker"
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """The allowed CORS origins; none means no cross-origin access."""
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+    @property
+    def ratelimit_storage_uri(self) -> str:
+        """Rate-limit counters: the broker's Redis (shared by all API processes), else memory."""
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return "memory://"
 
 
 @lru_cache(maxsize=1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, and_, or_, select, update
+from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -37,6 +37,10 @@ class JobConflict(Exception):
 
 class IdempotencyKeyReused(Exception):
     """An Idempotency-Key already used for a request with a different body."""
+
+
+class TooManyQueuedJobs(Exception):
+    """The user has as many queued jobs as a user may have."""
 
 
 class InvalidCursor(ValueError):
@@ -70,33 +74,59 @@ def request_digest(body: JobCreate) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def get_job(session: Session, job_id: str) -> Job:
-    """The job ``job_id``; JobNotFound if there is none (or the id could not be one)."""
+def get_job(session: Session, job_id: str, *, owner_id: int | None = None) -> Job:
+    """The job ``job_id``; JobNotFound if there is none (or the id could not be one).
+
+    With ``owner_id`` only that user's jobs exist: another user's job is "not found", so
+    its id is not even confirmed. None (admins, workers) sees every job.
+    """
     # Checking the shape first keeps NUL bytes and megabyte ids away from the database.
     job = session.get(Job, job_id) if _JOB_ID.fullmatch(job_id) else None
-    if job is None:
+    if job is None or (owner_id is not None and job.owner_id != owner_id):
         raise JobNotFound(f"no job with id {job_id!r}")
     return job
 
 
+def scoped_key(key: str, owner_id: int | None) -> str:
+    """The stored form of an Idempotency-Key: sha256 of owner and key, so keys are per user."""
+    if owner_id is None:
+        return key
+    return hashlib.sha256(f"{owner_id}:{key}".encode()).hexdigest()
+
+
 def create_job(
-    session: Session, body: JobCreate, *, idempotency_key: str | None
+    session: Session,
+    body: JobCreate,
+    *,
+    idempotency_key: str | None,
+    owner_id: int | None = None,
+    sees_all: bool = False,
+    max_queued: int | None = None,
 ) -> tuple[Job, bool]:
-    """Store a queued job and commit; (job, True), or (earlier job, False) on a replayed key."""
+    """Store a queued job and commit; (job, True), or (earlier job, False) on a replayed key.
+
+    ``owner_id`` owns the job and scopes its key; unless ``sees_all`` (an admin) the job
+    resumes only from the owner's jobs. ``max_queued`` caps the owner's queued jobs
+    (TooManyQueuedJobs); a replay is never refused by it.
+    """
     digest = request_digest(body)
-    if idempotency_key is not None:
-        earlier = _by_key(session, idempotency_key)
+    key = None if idempotency_key is None else scoped_key(idempotency_key, owner_id)
+    if key is not None:
+        earlier = _by_key(session, key)
         if earlier is not None:
             return _replay(earlier, digest), False
-    resume_epoch = _resume_epoch(session, body)
-    job = _new_job(body, resume_epoch, idempotency_key, digest)
+    resume_epoch = _resume_epoch(session, body, None if sees_all else owner_id)
+    if max_queued is not None and owner_id is not None:
+        _check_queue_room(session, owner_id, max_queued)
+    job = _new_job(body, resume_epoch, key, digest)
+    job.owner_id = owner_id
     session.add(job)
     try:
         session.commit()
     except IntegrityError:
         # Two requests with the same key raced; the other one's row won.
         session.rollback()
-        earlier = _by_key(session, idempotency_key) if idempotency_key else None
+        earlier = _by_key(session, key) if key else None
         if earlier is None:
             raise
         return _replay(earlier, digest), False
@@ -119,6 +149,20 @@ def _new_job(body: JobCreate, resume_epoch: int | None, key: str | None, digest:
     )
 
 
+def _check_queue_room(session: Session, owner_id: int, max_queued: int) -> None:
+    # Two racing submissions may both see room for one more; the cap is a guard against
+    # flooding the queue, not an exact quota, so that slack is acceptable.
+    stmt = select(func.count(Job.id)).where(
+        Job.owner_id == owner_id, Job.status == JobStatus.QUEUED
+    )
+    queued = session.scalar(stmt) or 0
+    if queued >= max_queued:
+        raise TooManyQueuedJobs(
+            f"you have {queued} queued jobs, the most a user may have; "
+            "wait for some to start or cancel some"
+        )
+
+
 def _by_key(session: Session, key: str) -> Job | None:
     return session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
 
@@ -139,13 +183,15 @@ def checkpoint_epochs(session: Session, job_id: str) -> list[int]:
     return sorted(int(m.group(1)) for n in names if (m := _CHECKPOINT.fullmatch(n)))
 
 
-def _resume_epoch(session: Session, body: JobCreate) -> int | None:
+def _resume_epoch(session: Session, body: JobCreate, owner_id: int | None) -> int | None:
     """The checkpoint epoch a resumed job starts from; InvalidJobRequest if it cannot."""
     if body.resume_from is None:
         return None
-    source = session.get(Job, body.resume_from.job_id)
-    if source is None:
-        raise InvalidJobRequest(("resume_from", "job_id"), "no job with this id")
+    try:
+        source = get_job(session, body.resume_from.job_id, owner_id=owner_id)
+    except JobNotFound as exc:
+        # Another user's job reads exactly as a missing one.
+        raise InvalidJobRequest(("resume_from", "job_id"), "no job with this id") from exc
     epochs = checkpoint_epochs(session, source.id)
     wanted = body.resume_from.epoch
     if wanted is None and not epochs:
@@ -172,11 +218,18 @@ def _check_resumable(body: JobCreate, source: Job, epoch: int) -> None:
         raise InvalidJobRequest(
             ("hyperparameters", "model"), f"must be the checkpoint's model {source_model!r}"
         )
+    # The checkpoint holds that optimizer's state; another optimizer cannot load it.
+    source_optimizer = source.hyperparameters.get("optimizer", "sgd")
+    if source_optimizer != hp.optimizer:
+        raise InvalidJobRequest(
+            ("hyperparameters", "optimizer"),
+            f"must be the checkpoint's optimizer {source_optimizer!r}",
+        )
 
 
-def request_cancel(session: Session, job_id: str) -> Job:
+def request_cancel(session: Session, job_id: str, *, owner_id: int | None = None) -> Job:
     """Cancel a queued job at once, flag a running one; JobConflict for a finished one."""
-    get_job(session, job_id)
+    get_job(session, job_id, owner_id=owner_id)
     cancelled = _update_where(
         session,
         job_id,
@@ -252,9 +305,12 @@ def list_jobs(
     statuses: Sequence[str] | None = None,
     limit: int = 50,
     cursor: str | None = None,
+    owner_id: int | None = None,
 ) -> tuple[list[Job], str | None]:
     """One page of jobs, newest first, and the cursor of the next page (None at the end)."""
     stmt = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    if owner_id is not None:
+        stmt = stmt.where(Job.owner_id == owner_id)
     if statuses:
         stmt = stmt.where(Job.status.in_(statuses))
     if cursor is not None:

@@ -7,7 +7,18 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -72,9 +83,13 @@ class Job(Base):
     queue: Mapped[str] = mapped_column(String(32), default="cpu")
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Per user: shared.jobs stores sha256(owner, key), so the unique column scopes keys by owner.
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     # sha256 of the validated request, so a replayed key with another body is refused.
     request_hash: Mapped[str | None] = mapped_column(String(64))
+
+    # Who submitted it; NULL for jobs from before authentication (only admins see those).
+    owner_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("user_account.id"), index=True)
 
     # Lease: who runs the job now and until when (renewed by the heartbeat).
     lease_token: Mapped[str | None] = mapped_column(String(64))
@@ -151,6 +166,34 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class User(Base):
+    """Someone who may call the API; admins see and manage every job."""
+
+    __tablename__ = "user_account"  # "user" is a reserved word in PostgreSQL
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", order_by="ApiToken.id")
+
+
+class ApiToken(Base):
+    """A bearer token of a user, stored only as its sha256; the clear token is shown once."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    public_id: Mapped[str] = mapped_column(String(16), unique=True)  # for listing and revoking
+    user_id: Mapped[int] = mapped_column(Integer, ForeignKey("user_account.id", ondelete="CASCADE"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship(back_populates="tokens")
 
 
 class Worker(Base):

@@ -260,3 +260,26 @@ class HealthOut(BaseModel):
     status: Literal["ok", "unavailable"]
     database: ComponentHealthOut
     broker: ComponentHealthOut
+
+
+class TokenOut(BaseModel):
+    """An API token as listings show it: never the secret, which is shown once at creation."""
+
+    id: str = Field(description="public id, for revoking")
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class UserOut(BaseModel):
+    """A user and their tokens."""
+
+    name: str
+    is_admin: bool
+    created_at: datetime
+    tokens: list[TokenOut]
+
+
+class UserListOut(BaseModel):
+    """Every user (admins only)."""
+
+    items: list[UserOut]

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import create_app
 from api.db import ENGINE_KEY, SESSIONS_KEY
 from shared.artifacts import ArtifactStore, artifact_kind
+from shared.auth import create_user
 from shared.celery_app import BrokerUnavailable
 from shared.config import Settings
 from shared.db import make_engine
@@ -75,7 +76,7 @@ def empty_tables(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("TRUNCATE artifact, metric, job"))
+            conn.execute(text("TRUNCATE artifact, metric, job, api_token, user_account"))
     finally:
         engine.dispose()
 
@@ -124,16 +125,69 @@ def app(settings: Settings, publisher: RecordingPublisher) -> Iterator[Flask]:
 
 
 @pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    """A test client of the app."""
-    return app.test_client()
-
-
-@pytest.fixture
 def sessions(app: Flask) -> sessionmaker[Session]:
     """The app's session factory, for arranging rows directly."""
     factory: sessionmaker[Session] = app.extensions[SESSIONS_KEY]
     return factory
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A user of the test database with one live token."""
+
+    id: int
+    name: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The Authorization header of this caller."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+def add_user(sessions: sessionmaker[Session], name: str, *, admin: bool = False) -> Caller:
+    """Create a user with a token, as `mnistq users create` does."""
+    with sessions() as session:
+        user, issued = create_user(session, name, admin=admin)
+        return Caller(user.id, user.name, issued.secret)
+
+
+def client_as(app: Flask, caller: Caller | None) -> FlaskClient:
+    """A test client that sends ``caller``'s token with every request (none: no token)."""
+    client = app.test_client()
+    if caller is not None:
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {caller.token}"
+    return client
+
+
+@pytest.fixture
+def admin(sessions: sessionmaker[Session]) -> Caller:
+    """An admin: sees every job, including those from before authentication."""
+    return add_user(sessions, "root", admin=True)
+
+
+@pytest.fixture
+def alice(sessions: sessionmaker[Session]) -> Caller:
+    """An ordinary user."""
+    return add_user(sessions, "alice")
+
+
+@pytest.fixture
+def bob(sessions: sessionmaker[Session]) -> Caller:
+    """Another ordinary user."""
+    return add_user(sessions, "bob")
+
+
+@pytest.fixture
+def client(app: Flask, admin: Caller) -> FlaskClient:
+    """A test client of the app, calling as the admin."""
+    return client_as(app, admin)
+
+
+@pytest.fixture
+def anonymous(app: Flask) -> FlaskClient:
+    """A test client that sends no token."""
+    return client_as(app, None)
 
 
 @pytest.fixture

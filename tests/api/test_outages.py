@@ -11,9 +11,11 @@ import pytest
 from flask import Flask
 
 from api import create_app
-from api.db import ENGINE_KEY
+from api.auth import public
+from api.db import ENGINE_KEY, SESSIONS_KEY
+from shared.auth import new_token_secret
 from shared.celery_app import make_celery
-from tests.api.conftest import make_settings
+from tests.api.conftest import add_user, client_as, make_settings
 
 HEALTH = "/api/v1/health"
 
@@ -64,6 +66,8 @@ def test_database_down_is_503_on_health_and_on_routes(tmp_path: Path) -> None:
     url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/mnistq"
     app = _app(tmp_path, url, broker_url="redis://127.0.0.1:6379/0")
     client = app.test_client()
+    # A well-formed token: checking it needs the database, so the answer is 503, not 401.
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {new_token_secret()}"
     health = client.get(HEALTH)
     assert health.status_code == 503
     assert health.get_json()["database"]["ok"] is False
@@ -74,9 +78,12 @@ def test_database_down_is_503_on_health_and_on_routes(tmp_path: Path) -> None:
 
 
 def test_submit_with_redis_down_still_stores_the_job(tmp_path: Path, database_url: str) -> None:
-    """The real Celery publisher against a dead Redis: 201, published_at stays NULL."""
+    """The real Celery publisher against a dead Redis: 201, published_at stays NULL.
+
+    The rate limiter counts in the same dead Redis and falls back to memory meanwhile.
+    """
     app = _app(tmp_path, database_url, broker_url=f"redis://127.0.0.1:{free_port()}/0")
-    client = app.test_client()
+    client = client_as(app, add_user(app.extensions[SESSIONS_KEY], "carol"))
     response = client.post("/api/v1/jobs", json={"name": "outbox"})
     assert response.status_code == 201
     job = client.get(response.headers["Location"]).get_json()
@@ -91,7 +98,7 @@ def test_an_unexpected_error_is_logged_and_answered_as_json_500(
     def broken() -> str:
         raise RuntimeError("a bug")
 
-    app.add_url_rule("/broken", view_func=broken)
+    app.add_url_rule("/broken", view_func=public(broken))
     with caplog.at_level(logging.ERROR, logger="api.errors"):
         response = app.test_client().get("/broken")
     assert response.status_code == 500

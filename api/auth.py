@@ -1,0 +1,95 @@
+"""Bearer-token authentication: every route needs a live token unless it is marked public."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from flask import Flask, current_app, g, request
+
+from api.db import get_session
+from api.errors import ApiError
+from shared.auth import authenticate
+from shared.models import ApiToken, User
+
+F = TypeVar("F", bound=Callable[..., Any])
+REALM = 'Bearer realm="mnistq"'
+MAX_HEADER_LENGTH = 512
+
+
+def public(view: F) -> F:
+    """Mark a view as open to callers without a token (health, the API's documentation)."""
+    view.public = True  # type: ignore[attr-defined]
+    return view
+
+
+def is_public(view: Callable[..., Any]) -> bool:
+    """True for views marked with @public."""
+    return bool(getattr(view, "public", False))
+
+
+def init_app(app: Flask) -> None:
+    """Check the token of every request to a non-public route before the view runs."""
+    app.before_request(require_token)
+
+
+def require_token() -> None:
+    """Load the caller's token and user into ``g``; 401 if there is no live token."""
+    view = current_app.view_functions.get(request.endpoint or "")
+    # No view: the request 404s or 405s anyway. OPTIONS: a CORS preflight carries no token.
+    if view is None or is_public(view) or request.method == "OPTIONS":
+        return
+    token = authenticate(get_session(), _bearer_secret())
+    if token is None:
+        raise _unauthorized("invalid_token", "the token is unknown or revoked")
+    g.api_token = token
+    g.user = token.user
+
+
+def _bearer_secret() -> str:
+    header = request.headers.get("Authorization")
+    if not header:
+        raise ApiError(
+            401,
+            "authentication_required",
+            "this route needs the header Authorization: Bearer <token>",
+            headers={"WWW-Authenticate": REALM},
+        )
+    scheme, _, secret = header.partition(" ")
+    # The scheme is case-insensitive (RFC 9110); the token is a single word.
+    if scheme.lower() != "bearer" or not secret.strip() or len(header) > MAX_HEADER_LENGTH:
+        raise _unauthorized(
+            "invalid_token", "the Authorization header must be 'Bearer <token>' with one token"
+        )
+    return secret.strip()
+
+
+def _unauthorized(code: str, message: str) -> ApiError:
+    header = f'{REALM}, error="invalid_token"'
+    return ApiError(401, code, message, headers={"WWW-Authenticate": header})
+
+
+def current_user() -> User:
+    """The user the request's token belongs to."""
+    user: User = g.user
+    return user
+
+
+def current_token() -> ApiToken:
+    """The token the request came with."""
+    token: ApiToken = g.api_token
+    return token
+
+
+def owner_scope() -> int | None:
+    """Whose jobs the caller may see: their own id, or None (all jobs) for an admin."""
+    user = current_user()
+    return None if user.is_admin else user.id
+
+
+def require_admin() -> User:
+    """The caller if an admin; 403 otherwise."""
+    user = current_user()
+    if not user.is_admin:
+        raise ApiError(403, "forbidden", "only an admin may do this")
+    return user
