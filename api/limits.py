@@ -22,7 +22,7 @@ def _token_key() -> str:
 def init_app(app: Flask, settings: Settings) -> None:
     """Give ``app`` a limiter on the settings' storage; a bad limit string fails here."""
     parse_many(settings.submit_rate_limit)  # ValueError at startup, not on the first submit
-    options: dict[str, float] = {}
+    options: dict[str, str | int] = {}
     if settings.ratelimit_storage_uri.startswith("redis"):
         options = {
             "socket_connect_timeout": STORAGE_TIMEOUT_SECONDS,

@@ -6,6 +6,7 @@ import click
 
 from client.server import api_command, db_group, up_command, worker_command
 from client.train import train_command
+from client.users import tokens_group, users_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +20,8 @@ cli.add_command(up_command)
 cli.add_command(api_command)
 cli.add_command(worker_command)
 cli.add_command(db_group)
+cli.add_command(users_group)
+cli.add_command(tokens_group)
 
 
 def main() -> None:

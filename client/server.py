@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 DEFAULT_WORKER_QUEUES = "cpu,maintenance"
 # How long `mnistq up` waits for its worker to hand its job back before killing it.
 WORKER_STOP_SECONDS = 30
+ADMIN_NAME = "admin"
 
 
 @click.command("up")
@@ -31,6 +32,7 @@ def up_command(host: str, port: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = get_settings()
     upgrade(settings.database_url)
+    _bootstrap_admin(settings)
     # SIGTERM (docker, systemd) stops it like Ctrl-C; SIGINT is set explicitly because a
     # process started in the background inherits it ignored.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -47,6 +49,31 @@ def up_command(host: str, port: int) -> None:
         stop.set()
         _stop_worker_process(worker)
         reaper.join(timeout=10)
+
+
+def _bootstrap_admin(settings: Settings) -> None:
+    """On first start, create the admin user and print its token once; keep it for the CLI."""
+    from shared.auth import create_user, has_users
+    from shared.db import make_engine, make_session_factory
+
+    path = settings.admin_token_path
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            if has_users(session):
+                if path.exists():
+                    click.echo(f"mnistq: the admin token is in {path}", err=True)
+                return
+            _user, issued = create_user(session, ADMIN_NAME, admin=True)
+    finally:
+        engine.dispose()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Created 0600 from the start: there is no moment when others could read it.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(issued.secret + "\n")
+    click.echo(f"mnistq: created user {ADMIN_NAME!r}; its token (shown once, kept in {path}):")
+    click.echo(issued.secret)
 
 
 def _interrupt(signum: int, _frame: object) -> None:

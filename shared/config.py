@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         return self.var_dir / "broker"
 
     @property
+    def admin_token_path(self) -> Path:
+        """Where `mnistq up` keeps the token of the admin it creates (mode 0600)."""
+        return self.var_dir / "admin-token"
+
+    @property
     def cors_origin_list(self) -> list[str]:
         """The allowed CORS origins; none means no cross-origin access."""
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]

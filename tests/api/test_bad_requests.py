@@ -9,13 +9,18 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.artifacts import ArtifactStore
-from tests.api.conftest import add_artifact, insert_job
+from shared.auth import revoke_token
+from shared.models import ApiToken
+from tests.api.conftest import Caller, add_artifact, add_user, insert_job
 
 JOBS = "/api/v1/jobs"
 JOB_ID = "0123456789abcdef0123456789abcdef"  # an existing job, made by the fixture
+# Stand-ins for tokens the fixtures make; any other string is sent as the header itself.
+ADMIN, ALICE, REVOKED = "<admin>", "<alice>", "<revoked>"
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class Bad:
     content_type: str | None = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     locs: tuple[tuple[str | int, ...], ...] = ()  # every one must be named in details
+    auth: str | None = ADMIN  # the Authorization header; None sends none
 
 
 def post(body: Any, status: int, error: str, *locs: tuple[str | int, ...]) -> Bad:
@@ -38,10 +44,31 @@ def post(body: Any, status: int, error: str, *locs: tuple[str | int, ...]) -> Ba
     return Bad("POST", JOBS, status, error, raw, locs=locs)
 
 
+def auth(header: str | None, error: str = "invalid_token", path: str = JOBS) -> Bad:
+    """A GET with this Authorization header (None: without one) that must be refused."""
+    return Bad("GET", path, 401, error, auth=header)
+
+
 HP = ("body", "hyperparameters")
 INVALID = "validation_error"
 
 CASES: dict[str, Bad] = {
+    "no token": auth(None, "authentication_required"),
+    "empty authorization": auth("", "authentication_required"),
+    "basic auth": auth("Basic dXNlcjpwYXNz"),
+    "bearer without token": auth("Bearer"),
+    "bearer and spaces": auth("Bearer    "),
+    "unknown token": auth("Bearer mnq_" + "A" * 43),
+    "token of the wrong shape": auth("Bearer mnq_short"),
+    "two tokens": auth("Bearer mnq_" + "A" * 43 + " mnq_" + "B" * 43),
+    "token scheme": auth("Token mnq_" + "A" * 43),
+    "10 kB token": auth("Bearer " + "x" * 10_000),
+    "revoked token": auth(REVOKED),
+    "no token on a job": auth(None, "authentication_required", f"{JOBS}/{JOB_ID}/artifacts"),
+    "no token, huge body": Bad(
+        "POST", JOBS, 401, "authentication_required", "x" * 100_000, auth=None
+    ),
+    "users list as non-admin": Bad("GET", "/api/v1/users", 403, "forbidden", auth=ALICE),
     "malformed json": post("{", 400, "malformed_json"),
     "empty body": post("", 400, "malformed_json"),
     "trailing garbage": post('{"name": "a"} x', 400, "malformed_json"),
@@ -173,9 +200,26 @@ def existing_job(sessions: sessionmaker[Session], store: ArtifactStore, tmp_path
     return JOB_ID
 
 
+@pytest.fixture
+def tokens(admin: Caller, alice: Caller, sessions: sessionmaker[Session]) -> dict[str, str]:
+    """The header values the stand-ins mean: the admin's, alice's and a revoked token."""
+    revoked = add_user(sessions, "gone")
+    with sessions() as session:
+        ids = session.scalars(select(ApiToken.public_id).order_by(ApiToken.id)).all()
+        revoke_token(session, ids[-1])
+    return {ADMIN: admin.token, ALICE: alice.token, REVOKED: revoked.token}
+
+
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_bad_request_gets_a_json_error(client: FlaskClient, existing_job: str, case: Bad) -> None:
+def test_bad_request_gets_a_json_error(
+    anonymous: FlaskClient, existing_job: str, tokens: dict[str, str], case: Bad
+) -> None:
+    client = anonymous
     headers = dict(case.headers)
+    if case.auth is not None:
+        headers["Authorization"] = (
+            f"Bearer {tokens[case.auth]}" if case.auth in tokens else case.auth
+        )
     if case.content_type is not None:
         headers["Content-Type"] = case.content_type
     response = client.open(case.path, method=case.method, data=case.body, headers=headers)
@@ -190,7 +234,7 @@ def test_bad_request_gets_a_json_error(client: FlaskClient, existing_job: str, c
 
 
 def test_the_table_covers_enough_cases() -> None:
-    assert len(CASES) >= 20
+    assert len(CASES) >= 25
 
 
 def test_405_says_which_methods_are_allowed(client: FlaskClient) -> None:

@@ -54,3 +54,32 @@ def test_submit_operation_describes_body_key_and_answers(client: FlaskClient) ->
     assert {p["name"] for p in listing["parameters"]} == {"status", "limit", "cursor"}
     download = doc["paths"]["/api/v1/jobs/{job_id}/artifacts/{name}"]["get"]
     assert {p["name"] for p in download["parameters"]} == {"job_id", "name"}
+
+
+def test_security_scheme_and_auth_answers(client: FlaskClient) -> None:
+    doc = client.get("/openapi.json").get_json()
+    assert doc["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": doc["components"]["securitySchemes"]["bearerAuth"]["description"],
+    }
+    assert doc["security"] == [{"bearerAuth": []}]
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if path == "/api/v1/health":
+                assert op["security"] == [] and "401" not in op["responses"]
+                continue
+            assert "security" not in op, (path, method)  # the document's default applies
+            unauthorized = op["responses"]["401"]
+            assert "WWW-Authenticate" in unauthorized["headers"]
+            assert "500" in op["responses"]
+    submit = doc["paths"]["/api/v1/jobs"]["post"]["responses"]
+    assert "Retry-After" in submit["429"]["headers"]
+    assert "Location" in submit["201"]["headers"]
+    assert "403" in doc["paths"]["/api/v1/users"]["get"]["responses"]
+
+
+def test_downloads_declare_every_media_type_they_are_served_as(client: FlaskClient) -> None:
+    doc = client.get("/openapi.json").get_json()
+    ok = doc["paths"]["/api/v1/jobs/{job_id}/artifacts/{name}"]["get"]["responses"]["200"]
+    assert {"image/png", "application/octet-stream", "text/plain"} <= set(ok["content"])

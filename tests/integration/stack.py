@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from typing import Any
 import pytest
 import requests
 
+from shared.auth import create_user
+from shared.db import make_engine, make_session_factory
 from tests.integration.conftest import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +75,11 @@ def stack_env(
         MNISTQ_LEASE_SECONDS="4",
         MNISTQ_HEARTBEAT_SECONDS="1",
         MNISTQ_REAPER_INTERVAL_SECONDS="1",
-        MNISTQ_REQUEUE_GRACE_SECONDS="30",
+        # A queued job whose message was lost (Redis restarted empty) is published again
+        # this long after its last publication.
+        MNISTQ_REQUEUE_GRACE_SECONDS="8",
+        # Fault tests submit in bursts; the per-token limit has tests of its own.
+        MNISTQ_SUBMIT_RATE_LIMIT="1000/minute",
         # Epochs of at most 100 batches keep every run short.
         MNISTQ_MAX_TRAIN_BATCHES=str(MAX_TRAIN_BATCHES),
     )
@@ -90,12 +97,26 @@ class Api:
             args += ["--workers", "1"]
         self.process = Process(args, env, log)
         self.http = requests.Session()
+        self.command, self.env = command, env
 
     def start(self) -> Api:
-        """Start gunicorn and wait until it answers."""
+        """Start gunicorn and wait until it answers; every request then carries an admin token."""
         self.process.start()
         wait_for_port(self.port, timeout=30)
+        self.http.headers["Authorization"] = f"Bearer {self.admin_token()}"
         return self
+
+    def admin_token(self) -> str:
+        """`mnistq up` made one on its first start; for `mnistq api` make one in its database."""
+        if self.command == "up":
+            return (Path(self.env["MNISTQ_VAR_DIR"]) / "admin-token").read_text().strip()
+        engine = make_engine(self.env["MNISTQ_DATABASE_URL"])
+        try:
+            with make_session_factory(engine)() as session:
+                _user, issued = create_user(session, f"admin-{secrets.token_hex(4)}", admin=True)
+                return issued.secret
+        finally:
+            engine.dispose()
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST a job; it must be accepted."""
