@@ -46,7 +46,7 @@ def test_train_then_resume_writes_everything(
     mnist_dir: Path, tmp_path: Path, offline: None
 ) -> None:
     out = tmp_path / "run"
-    common = ["--data-dir", str(mnist_dir), "--threads", "0", "--max-train-batches", "5",
+    common = ["--data-dir", str(mnist_dir), "--threads", "1", "--max-train-batches", "5",
               "--device", "cpu", "--out", str(out)]  # fmt: skip
     first = CliRunner().invoke(cli, ["train", "--n-epochs", "1", *common])
     assert first.exit_code == 0, first.output
