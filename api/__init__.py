@@ -38,6 +38,8 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    # "//etc/passwd" must reach the artifact route (and its 400), not redirect as HTML.
+    app.url_map.merge_slashes = False
     store = ArtifactStore(settings.artifact_dir)
     services = Services(settings, publish or celery_publisher(settings), store)
     extensions.init_app(app, services)

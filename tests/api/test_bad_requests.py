@@ -166,6 +166,11 @@ CASES: dict[str, Bad] = {
     "artifact ..": Bad(
         "GET", f"{JOBS}/{JOB_ID}/artifacts/..%2F..%2Fetc%2Fpasswd", 400, "invalid_artifact_name"
     ),
+    # No route takes a name starting with "/"; merged slashes would redirect as HTML.
+    "artifact absolute path": Bad(
+        "GET", f"{JOBS}/{JOB_ID}/artifacts/%2Fetc%2Fpasswd", 404, "not_found"
+    ),
+    "artifact double slash": Bad("GET", f"{JOBS}/{JOB_ID}/artifacts//etc/passwd", 404, "not_found"),
     "artifact encoded slash twice": Bad(
         "GET", f"{JOBS}/{JOB_ID}/artifacts/a%252Fb", 400, "invalid_artifact_name"
     ),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from shared.db import make_engine
 from shared.migrate import upgrade
@@ -52,3 +52,34 @@ def test_upgrade_on_fresh_postgresql_matches_models(
     upgrade(url)
     assert _tables(url) >= {"job", "metric", "artifact", "user_account", "api_token"}
     assert _schema_diff(url) == []
+
+
+def test_upgrading_a_database_with_jobs_keeps_every_row(tmp_path: Path) -> None:
+    """0002 adds job.owner_id without rebuilding job, which would cascade-delete children."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0001")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO job (id, status, hyperparameters, device_requested, queue, "
+                    "priority, attempt, cancel_requested, epoch, n_epochs, step, "
+                    "steps_per_epoch, samples_seen, total_samples, created_at) VALUES "
+                    "('j1', 'succeeded', '{}', 'cpu', 'cpu', 0, 0, 0, 1, 1, 1, 1, 1, 1, "
+                    "'2026-01-01')"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO metric (job_id, kind, epoch, step, samples_seen, loss, seconds)"
+                    " VALUES ('j1', 'test', 1, 1, 1, 0.5, 1.0)"
+                )
+            )
+        upgrade(url)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM metric")).scalar() == 1
+            owner = conn.execute(text("SELECT owner_id FROM job WHERE id = 'j1'")).scalar()
+            assert owner is None
+    finally:
+        engine.dispose()
