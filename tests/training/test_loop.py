@@ -18,7 +18,15 @@ from worker.training.checkpoints import (
     load_checkpoint,
 )
 from worker.training.data import MnistSplit
-from worker.training.loop import FitResult, Hooks, MetricPoint, Progress, evaluate, fit
+from worker.training.loop import (
+    FitResult,
+    Hooks,
+    MetricPoint,
+    Progress,
+    TrainingDiverged,
+    evaluate,
+    fit,
+)
 
 from .conftest import WithLrGamma
 
@@ -234,3 +242,22 @@ def test_lr_gamma_decays_the_rate_per_epoch_and_survives_resume(
     ckpt = load_checkpoint(tmp_path / "a" / "checkpoints" / "epoch-1.pt")
     resumed = run(hp, tiny_train, tiny_test, tmp_path / "b", max_train_batches=3, resume=ckpt)
     assert [p.loss for p in resumed.metrics] == pytest.approx([p.loss for p in straight.metrics])
+
+
+def test_a_loss_that_becomes_nan_stops_the_fit_as_training_diverged(
+    tiny_train: MnistSplit, tiny_test: MnistSplit, tmp_path: Path
+) -> None:
+    # Weight decay 1 at lr 10 flips and multiplies every weight by about 9 per step.
+    hot = tiny_hp(n_epochs=1, log_interval=1, learning_rate=10.0, momentum=0.99, weight_decay=1.0)
+    rec = Recorder()
+    with pytest.raises(TrainingDiverged) as raised:
+        run(hot, tiny_train, tiny_test, tmp_path, hooks=rec.hooks())
+    message = str(raised.value)
+    assert message.startswith("train loss became nan at epoch 1 step "), message
+    assert message.endswith("; lower the learning rate")
+    step = int(message.split("step ")[1].split(";")[0])
+    # Every point before the bad one was recorded and finite; the NaN itself never was.
+    train = [p for p in rec.metrics if p.kind == "train"]
+    assert [p.step for p in train] == list(range(1, step))
+    assert all(math.isfinite(p.loss) for p in train)
+    assert not (tmp_path / "checkpoints" / "epoch-1.pt").exists()

@@ -33,6 +33,7 @@ __all__ = [
     "Hooks",
     "MetricPoint",
     "Progress",
+    "TrainingDiverged",
     "evaluate",
     "fit",
     "make_optimizer",
@@ -47,6 +48,10 @@ def _noop(*_: Any) -> None:
 def _never() -> bool:
     """A stop check that never asks to stop."""
     return False
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite: the run cannot recover with these hyperparameters."""
 
 
 @dataclass(frozen=True)
@@ -222,8 +227,13 @@ class _Run:
     def log_train(self, epoch: int, batch_idx: int, loss: float) -> None:
         """Record the seed's train point: that batch's loss, samples seen before it."""
         seen = self.samples_seen + batch_idx * self.hp.batch_size_train
-        point = MetricPoint("train", epoch, self.global_step + batch_idx + 1, seen, loss, None,
-                            self.seconds())  # fmt: skip
+        step = self.global_step + batch_idx + 1
+        if not math.isfinite(loss):
+            # NaN never recovers: stop now rather than train on garbage to the end.
+            raise TrainingDiverged(
+                f"train loss became {loss} at epoch {epoch} step {step}; lower the learning rate"
+            )
+        point = MetricPoint("train", epoch, step, seen, loss, None, self.seconds())
         self.metrics.append(point)
         self.last_train_loss = loss
         self.hooks.on_metrics([point])
@@ -232,6 +242,10 @@ class _Run:
 
     def end_epoch(self, epoch: int, done: EpochResult, test_loss: float, accuracy: float) -> None:
         """Record an epoch's test point and advance the counters past it."""
+        if not math.isfinite(test_loss):
+            raise TrainingDiverged(
+                f"test loss became {test_loss} after epoch {epoch}; lower the learning rate"
+            )
         self.progress(epoch, done.batches, done.samples)
         self.global_step += done.batches
         self.samples_seen += done.samples
