@@ -101,7 +101,7 @@ def _run(
     from worker.training.checkpoints import CheckpointError, load_checkpoint
     from worker.training.data import MnistNotFound, load_split
     from worker.training.devices import DeviceUnavailable, configure_threads, resolve_device
-    from worker.training.loop import fit
+    from worker.training.loop import TrainingDiverged, fit
 
     try:
         checkpoint = load_checkpoint(resume) if resume else None
@@ -115,7 +115,7 @@ def _run(
         with _ProgressBar(hp.n_epochs * len(train)) as bar:
             result = fit(hp, train, test, out_dir, device=device, hooks=bar.hooks(),
                          resume=checkpoint, max_train_batches=max_train_batches)  # fmt: skip
-    except (CheckpointError, MnistNotFound, DeviceUnavailable) as exc:
+    except (CheckpointError, MnistNotFound, DeviceUnavailable, TrainingDiverged) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(
         f"{result.status} after {result.epochs_done} epoch(s): "
