@@ -18,8 +18,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import workers
 from shared.config import Settings
-from shared.db import make_engine, make_session_factory
+from shared.db import make_session_factory
 from shared.workers import WorkerInfo
+from worker.tasks import make_worker_engine
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class RegistryBeat:
             pid=os.getpid(), queues=tuple(sorted(queues)), concurrency=concurrency,
             heartbeat_seconds=self.settings.heartbeat_seconds,
         )  # fmt: skip
-        self._engine = make_engine(self.settings.database_url)
+        self._engine = make_worker_engine(self.settings)
         self._factory = make_session_factory(self._engine)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="worker-registry", daemon=True)

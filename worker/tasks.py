@@ -44,6 +44,18 @@ logger = logging.getLogger(__name__)
 SHUTDOWN = threading.Event()
 
 
+def make_worker_engine(settings: Settings) -> Engine:
+    """The engine of a worker process; on PostgreSQL a frozen worker cannot hold a row lock."""
+    if not settings.database_url.startswith("postgresql"):
+        return make_engine(settings.database_url)
+    # A worker paused (SIGSTOP, a VM freeze) inside a transaction would keep the job row
+    # locked and block the reaper and the next claim. The server ends such a session once
+    # it is idle in a transaction for as long as a lease; the worker's commit then fails.
+    timeout_ms = int(settings.lease_seconds * 1000)
+    options = f"-c idle_in_transaction_session_timeout={timeout_ms}"
+    return make_engine(settings.database_url, connect_args={"options": options})
+
+
 @dataclass
 class WorkerContext:
     """What tasks in one worker process share: settings, the DB engine (built lazily)."""
@@ -58,7 +70,7 @@ class WorkerContext:
     def session_factory(self) -> sessionmaker[Session]:
         """Sessions on this process's own engine, built on first use (after the fork)."""
         if self._factory is None:
-            self._engine = make_engine(self.settings.database_url)
+            self._engine = make_worker_engine(self.settings)
             self._factory = make_session_factory(self._engine)
         return self._factory
 
@@ -72,6 +84,10 @@ class WorkerContext:
         if self._engine is not None:
             self._engine.dispose(close=False)
         self._engine, self._factory = None, None
+
+
+class LeaseLost(Exception):
+    """A fenced write found another worker's lease: this process must write nothing more."""
 
 
 @dataclass
@@ -118,6 +134,7 @@ class Heartbeat:
             if beat.lost:
                 logger.warning("job %s: lease lost, stopping", self.lease.job_id)
                 self.flags.lost.set()
+                return  # nothing of ours to renew any more
             if beat.cancel_requested:
                 logger.info("job %s: cancellation requested, stopping", self.lease.job_id)
                 self.flags.cancel.set()
@@ -168,9 +185,11 @@ class JobWriter:
         ))  # fmt: skip
 
     def _fenced(self, written: bool) -> None:
+        # Raised, not just flagged: the engine would otherwise go on to its next file write
+        # (a checkpoint, a plot) before it polls the stop check again.
         if not written:
-            logger.warning("job %s: lease taken over, writing nothing more", self.lease.job_id)
             self.flags.lost.set()
+            raise LeaseLost(f"job {self.lease.job_id}: lease taken over, writing nothing more")
 
 
 def to_record(point: MetricPoint) -> MetricRecord:
@@ -244,6 +263,9 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     with Heartbeat(ctx, lease, flags):
         try:
             return _train(ctx, lease, flags)
+        except LeaseLost as exc:
+            logger.warning("%s", exc)
+            return "lost"
         except DBAPIError:
             # Infrastructure, not the job's fault: the lease expires and the job is retried.
             logger.exception("job %s: database error, leaving the job to the reaper", job_id)
