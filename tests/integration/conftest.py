@@ -24,6 +24,16 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 pytestmark = pytest.mark.integration
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Soak tests (repeated fault trials) run only when asked for: ``pytest -m soak``."""
+    if "soak" in (config.option.markexpr or ""):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak")]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if not item.get_closest_marker("soak")]
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as sock:

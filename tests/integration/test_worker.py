@@ -6,8 +6,11 @@ a killed worker's job is requeued within seconds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +18,13 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from sqlalchemy import select
 
+from shared import workers
 from shared.celery_app import make_celery, publish_train
 from shared.config import Settings
-from tests.integration.conftest import RedisServer
+from shared.models import Artifact, Job, Metric
+from tests.integration.conftest import RedisServer, engine_and_factory
 from tests.integration.stack import Api, Process, stack_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.mnist]
@@ -50,14 +56,33 @@ class Stack:
             broker_url=env["MNISTQ_BROKER_URL"], var_dir=Path(env["MNISTQ_VAR_DIR"])
         )
         self.celery: Celery = make_celery(settings)
+        self.engine, self.db = engine_and_factory(env["MNISTQ_DATABASE_URL"])
+        self._workers = itertools.count(1)
 
-    def new_worker(self) -> Process:
+    def new_worker(self, log: str = "worker.log") -> Process:
         """A cpu worker process (not started)."""
-        return Process(["worker", "--queues", "cpu"], self.env, self.logs / "worker.log")
+        return Process(["worker", "--queues", "cpu"], self.env, self.logs / log)
+
+    def extra_worker(self) -> Process:
+        """Another cpu worker with a log of its own (not started)."""
+        return self.new_worker(f"worker-{next(self._workers)}.log")
 
     def artifact_path(self, job_id: str, name: str) -> Path:
         """Where the worker wrote a job's file."""
         return Path(self.env["MNISTQ_ARTIFACT_DIR"]) / job_id / name
+
+    def live_workers(self, queue: str = "cpu") -> int:
+        """Workers the registry counts as alive on ``queue`` now."""
+        with self.db() as session:
+            return sum(1 for w in workers.live_workers(session) if workers.serves(w, queue))
+
+    def wait_live_workers(self, count: int, queue: str = "cpu", timeout: float = 30) -> None:
+        """Block until exactly ``count`` live workers serve ``queue``."""
+        deadline = time.monotonic() + timeout
+        while (live := self.live_workers(queue)) != count:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{live} live {queue} workers after {timeout}s, expected {count}")
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +104,7 @@ def stack(
     yield system
     for process in (system.worker, system.reaper, system.api.process):
         process.kill()
+    system.engine.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +157,22 @@ def test_a_succeeded_job_lists_every_artifact_with_a_matching_sha256(
         assert sha256(response.content) == artifact["sha256"], artifact["name"]
 
 
-def test_the_same_message_delivered_twice_runs_the_job_once(stack: Stack) -> None:
-    job_id = stack.api.submit({"hyperparameters": {"n_epochs": 1, **QUICK}})["id"]
-    publish_train(stack.celery, job_id, "cpu")
-    publish_train(stack.celery, job_id, "cpu")
-    job = stack.api.wait_finished(job_id)
+def test_the_same_message_delivered_twice_at_once_runs_the_job_once(stack: Stack) -> None:
+    second = stack.extra_worker().start()
+    try:
+        stack.wait_live_workers(2)  # both idle, each free to take one of the two messages
+        job_id = stack.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
+        publish_train(stack.celery, job_id, "cpu")  # the API published it once already
+        skip = f"job {job_id}: not queued"
+        logs = (stack.worker, second)
+        deadline = time.monotonic() + 30
+        while not any(skip in p.tail(100_000) for p in logs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # The other worker took the duplicate while the job still ran: a real race for the claim.
+        assert stack.api.job(job_id)["status"] == "running", [p.tail() for p in logs]
+        job = stack.api.wait_finished(job_id)
+    finally:
+        second.terminate()
     assert (job["status"], job["attempt"]) == ("succeeded", 1)
     metrics = stack.api.get(f"/jobs/{job_id}/metrics")
     steps = [point["step"] for point in metrics["train"]]
@@ -167,7 +204,15 @@ def test_a_cuda_job_waits_for_a_gpu_worker_and_fails_clearly_on_a_cpu_one(stack:
     job = stack.api.submit({"device": "cuda", "hyperparameters": {"n_epochs": 1, **QUICK}})
     assert job["queue"] == "gpu"
     time.sleep(2)  # no worker serves gpu here: it waits, published, untouched
-    assert stack.api.job(job["id"])["status"] == "queued"
+    waiting = stack.api.job(job["id"])
+    assert waiting["status"] == "queued"
+    # ... and says so rather than waiting silently.
+    assert waiting["queue_status"] == {
+        "position": 1,
+        "live_workers": 0,
+        "message": "no live worker serves the 'gpu' queue; "
+        "start one with: mnistq worker --queues gpu",
+    }
     # A worker without CUDA that takes it anyway (misrouted) must say why it cannot run it.
     publish_train(stack.celery, job["id"], "cpu")
     failed = stack.api.wait_finished(job["id"])
@@ -194,9 +239,24 @@ def test_an_error_in_training_fails_the_job_without_retrying(stack: Stack) -> No
     )  # fmt: skip
 
 
+def test_a_queued_job_is_cancelled_at_once_and_a_finished_one_cannot_be(stack: Stack) -> None:
+    job_id = stack.api.submit({"device": "cuda", "hyperparameters": {"n_epochs": 1}})["id"]
+    cancel = f"{stack.api.base}/api/v1/jobs/{job_id}/cancel"
+    response = stack.api.http.post(cancel, timeout=10)
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "cancelled"
+    job = stack.api.job(job_id)
+    assert (job["status"], job["attempt"], job["queue_status"]) == ("cancelled", 0, None)
+    again = stack.api.http.post(cancel, timeout=10)
+    assert again.status_code == 409, again.text
+    assert again.json()["error"] and "cancelled" in again.json()["message"]
+    time.sleep(2)  # two reaper passes: a cancelled job is never published or run
+    assert stack.api.job(job_id)["status"] == "cancelled"
+
+
 def test_cancelling_a_running_job_stops_it_at_the_next_heartbeat(stack: Stack) -> None:
     job_id = stack.api.submit({"hyperparameters": {"n_epochs": 2, **SLOW}})["id"]
-    stack.api.wait(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] > 0)
+    stack.api.wait(job_id, lambda j: j["progress"]["epoch"] == 2 and j["progress"]["step"] > 0)
     asked = time.monotonic()
     response = stack.api.http.post(f"{stack.api.base}/api/v1/jobs/{job_id}/cancel", timeout=10)
     assert response.status_code == 202, response.text
@@ -204,6 +264,11 @@ def test_cancelling_a_running_job_stops_it_at_the_next_heartbeat(stack: Stack) -
     print(f"cancel → cancelled: {time.monotonic() - asked:.2f}s")
     assert (job["status"], job["attempt"]) == ("cancelled", 1)
     assert job["finished_at"] is not None and job["test_accuracy"] is None
+    # What it trained is kept: the epoch-1 checkpoint can be resumed from.
+    assert "checkpoints/epoch-1.pt" in {a["name"] for a in job["artifacts"]}
+    assert [m["epoch"] for m in job["test_metrics"]] == [1]
+    finished = stack.api.http.post(f"{stack.api.base}/api/v1/jobs/{job_id}/cancel", timeout=10)
+    assert finished.status_code == 409, finished.text
 
 
 def test_a_job_submitted_while_redis_is_down_runs_once_it_is_back(
@@ -232,18 +297,24 @@ def test_a_worker_shut_down_gracefully_hands_its_job_back_at_once(stack: Stack) 
     assert exit_code == 0, stack.worker.tail()
     assert (job["status"], job["attempt"]) == ("queued", 0)
     assert stopped_after < 10
+    # The worker left the registry as it went: the job says nobody serves its queue now.
+    assert job["queue_status"]["live_workers"] == 0
+    assert "mnistq worker --queues cpu" in job["queue_status"]["message"]
     stack.worker = stack.new_worker().start()
     done = stack.api.wait_finished(job_id)
     assert (done["status"], done["attempt"]) == ("succeeded", 1)
     assert [m["epoch"] for m in done["test_metrics"]] == [1, 2]
 
 
+def in_epoch_2(job: dict[str, Any]) -> bool:
+    """True once a 2-epoch SLOW job is ten steps into its second epoch (a checkpoint exists)."""
+    return bool(job["progress"]["epoch"] == 2 and job["progress"]["step"] >= 10)
+
+
 def test_a_killed_workers_job_is_requeued_and_finished_by_a_fresh_worker(stack: Stack) -> None:
     body = {"hyperparameters": {"n_epochs": 2, **SLOW}}
     job_id = stack.api.submit(body)["id"]
-    mid_epoch_2 = stack.api.wait(
-        job_id, lambda j: j["progress"]["epoch"] == 2 and j["progress"]["step"] >= 10
-    )
+    mid_epoch_2 = stack.api.wait(job_id, in_epoch_2)
     assert mid_epoch_2["status"] == "running"
     killed = time.monotonic()
     stack.worker.kill()
@@ -262,4 +333,221 @@ def test_a_killed_workers_job_is_requeued_and_finished_by_a_fresh_worker(stack: 
     assert resumed["attempt"] == 2
     assert [m["epoch"] for m in job["test_metrics"]] == [1, 2]
     steps = [p["step"] for p in stack.api.get(f"/jobs/{job_id}/metrics")["train"]]
+    assert all(a < b for a, b in itertools.pairwise(steps)), steps
+
+
+# Reaches NaN within the first log intervals: weight decay 1 at lr 10 multiplies every
+# weight by -9 per step, on top of the gradients.
+DIVERGES = {"learning_rate": 10.0, "momentum": 0.99, "weight_decay": 1.0}
+
+
+def test_a_diverging_job_fails_once_and_says_it_diverged(stack: Stack) -> None:
+    body = {"hyperparameters": {"n_epochs": 1, **QUICK, **DIVERGES}}
+    job = stack.api.wait_finished(stack.api.submit(body)["id"])
+    assert (job["status"], job["attempt"]) == ("failed", 1), job
+    message = job["error"]["message"]
+    assert message.startswith("TrainingDiverged: train loss became nan at epoch 1 step "), message
+    assert "lower the learning rate" in message
+    assert "Traceback" in job["error"]["traceback"]
+    time.sleep(2)  # two reaper passes: a training error is not retried
+    later = stack.api.job(job["id"])
+    assert (later["status"], later["attempt"]) == ("failed", 1)
+
+
+def child_pids(parent: int) -> list[int]:
+    """Processes whose parent is ``parent`` (the prefork pool)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def maps_torch(pid: int) -> bool:
+    """True when the process has libtorch mapped (it imported torch)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_the_prefork_parent_never_loads_torch_and_each_job_gets_a_fresh_child(
+    stack: Stack,
+) -> None:
+    assert stack.worker.popen is not None
+    parent = stack.worker.popen.pid
+    job_id = stack.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
+    stack.api.wait(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] > 0)
+    trainers = [pid for pid in child_pids(parent) if maps_torch(pid)]
+    assert len(trainers) == 1, "the child running the job must have torch loaded"
+    assert not maps_torch(parent)
+    assert stack.api.wait_finished(job_id)["status"] == "succeeded"
+    deadline = time.monotonic() + 15
+    while trainers[0] in child_pids(parent) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # One job per child: the process that ran it is gone; the parent still has no torch.
+    assert trainers[0] not in child_pids(parent)
+    assert not maps_torch(parent)
+
+
+def test_jobs_queued_when_redis_restarts_empty_all_still_finish(
+    stack: Stack, redis_server: RedisServer
+) -> None:
+    first = stack.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
+    stack.api.wait(first, lambda j: j["status"] == "running")
+    waiting = [
+        stack.api.submit({"hyperparameters": {"n_epochs": 1, **QUICK}})["id"] for _ in range(2)
+    ]
+    jobs = [stack.api.job(job_id) for job_id in waiting]
+    assert all(job["published_at"] for job in jobs)  # their messages are in Redis
+    assert [job["queue_status"] for job in jobs] == [
+        {"position": 1, "live_workers": 1, "message": None},
+        {"position": 2, "live_workers": 1, "message": None},
+    ]
+    redis_server.stop()
+    redis_server.start()  # empty: no persistence, every message is gone
+    restarted = time.monotonic()
+    done = [stack.api.wait_finished(job_id, timeout=90) for job_id in (first, *waiting)]
+    print(f"Redis restarted empty → {len(done)} jobs finished: {time.monotonic() - restarted:.1f}s")
+    assert [(job["status"], job["attempt"]) for job in done] == [("succeeded", 1)] * 3
+
+
+def lease_token(stack: Stack, job_id: str) -> str | None:
+    """The job's lease token as the database holds it now."""
+    with stack.db() as session:
+        return session.scalar(select(Job.lease_token).where(Job.id == job_id))
+
+
+def snapshot(stack: Stack, job_id: str) -> dict[str, Any]:
+    """Everything about a job a worker can write: its row, metrics, artifacts and files."""
+    with stack.db() as session:
+        row = session.scalars(select(Job).where(Job.id == job_id)).one()
+        metrics = session.execute(
+            select(Metric.id, Metric.kind, Metric.step, Metric.loss).where(Metric.job_id == job_id)
+        ).all()
+        artifacts = session.execute(
+            select(Artifact.name, Artifact.sha256, Artifact.created_at).where(
+                Artifact.job_id == job_id
+            )
+        ).all()
+        job = {column.key: getattr(row, column.key) for column in Job.__table__.columns}
+    folder = stack.artifact_path(job_id, "")
+    files = {
+        str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+    return {"job": job, "metrics": metrics, "artifacts": artifacts, "files": files}
+
+
+def wait_for_line(process: Process, text: str, since: int, timeout: float = 30) -> str:
+    """Block until a line with ``text`` shows in the log after byte ``since``; return it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with process.log.open("rb") as log:
+            log.seek(since)
+            lines = log.read().decode(errors="replace").splitlines()
+        for line in lines:
+            if text in line:
+                return line
+        time.sleep(0.1)
+    pytest.fail(f"{text!r} not in the log after {timeout}s:\n{process.tail()}")
+
+
+def test_a_frozen_worker_loses_its_job_and_writes_nothing_after_it_wakes(stack: Stack) -> None:
+    frozen = stack.worker
+    assert frozen.popen is not None
+    job_id = stack.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
+    stack.api.wait(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] >= 6)
+    frozen_token = lease_token(stack, job_id)
+    os.killpg(frozen.popen.pid, signal.SIGSTOP)  # the whole worker, as a paused VM
+    stopped = time.monotonic()
+    try:
+        stack.worker = stack.extra_worker().start()
+        stack.api.wait(job_id, lambda j: (j["status"], j["attempt"]) == ("running", 2), 60)
+        taken_after = time.monotonic() - stopped
+        taker_token = lease_token(stack, job_id)
+        done = stack.api.wait_finished(job_id)
+        before = snapshot(stack, job_id)
+        log_size = frozen.log.stat().st_size
+        os.killpg(frozen.popen.pid, signal.SIGCONT)
+        woke = time.monotonic()
+        gave_up = wait_for_line(frozen, "succeeded in", since=log_size)  # its task returned
+        gave_up_after = time.monotonic() - woke
+        time.sleep(2)  # two of its heartbeats: whatever it would still write has landed
+        after = snapshot(stack, job_id)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(frozen.popen.pid, signal.SIGCONT)
+        frozen.terminate()
+    print(
+        f"SIGSTOP → taken over by another worker {taken_after:.2f}s; "
+        f"SIGCONT → frozen worker gave the job up {gave_up_after:.2f}s"
+    )
+    assert (done["status"], done["attempt"]) == ("succeeded", 2), done["error"]
+    assert frozen_token is not None and taker_token not in (None, frozen_token)
+    assert "'lost'" in gave_up or "'abandoned'" in gave_up, gave_up
+    assert after == before  # not one row, column or file changed once it woke
+    steps = [p["step"] for p in stack.api.get(f"/jobs/{job_id}/metrics")["train"]]
+    assert all(a < b for a, b in itertools.pairwise(steps)), steps
+    assert [m["epoch"] for m in done["test_metrics"]] == [1]
+
+
+SOAK_TRIALS = 5
+
+
+@pytest.fixture(scope="module")
+def soak_figures() -> Iterator[list[dict[str, Any]]]:
+    """Each soak trial's figures; a summary line is printed after the last (see it with -s)."""
+    trials: list[dict[str, Any]] = []
+    yield trials
+    if not trials:
+        return
+    finished = sum(t["status"] == "succeeded" for t in trials)
+    duplicates = sum(t["duplicates"] for t in trials)
+    resumed = sorted(t["kill_to_resumed"] for t in trials)
+    print(
+        f"\nsoak: trials {len(trials)}, jobs finished {finished}/{len(trials)}, "
+        f"duplicate runs seen {duplicates}, kill → resumed training "
+        f"min {resumed[0]:.1f}s, median {resumed[len(resumed) // 2]:.1f}s, max {resumed[-1]:.1f}s"
+    )
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("trial", range(1, SOAK_TRIALS + 1))
+def test_soak_sigkill_mid_epoch_2_and_a_restarted_worker_finishes_the_job(
+    stack: Stack, soak_figures: list[dict[str, Any]], trial: int
+) -> None:
+    job_id = stack.api.submit({"hyperparameters": {"n_epochs": 2, **SLOW}})["id"]
+    mid = stack.api.wait(job_id, in_epoch_2)
+    stack.worker.kill()
+    killed = time.monotonic()
+    stack.worker = stack.new_worker().start()  # a supervisor restarts it at once
+    at_kill = mid["progress"]["samples_seen"]
+    # Resumed: the new attempt wrote progress from the epoch-1 checkpoint, behind the kill.
+    stack.api.wait(
+        job_id,
+        lambda j: j["attempt"] == 2 and 0 < j["progress"]["samples_seen"] < at_kill,
+        timeout=60,
+    )
+    resumed_after = time.monotonic() - killed
+    job = stack.api.wait_finished(job_id)
+    steps = [p["step"] for p in stack.api.get(f"/jobs/{job_id}/metrics")["train"]]
+    epochs = [m["epoch"] for m in job["test_metrics"]]
+    # A duplicate run is a claim beyond the one the kill made necessary, or a metric point
+    # written twice.
+    duplicates = max(0, job["attempt"] - 2) + (len(steps) - len(set(steps)))
+    duplicates += max(0, len(epochs) - len(set(epochs)))
+    soak_figures.append(
+        {"trial": trial, "status": job["status"], "duplicates": duplicates,
+         "kill_to_resumed": resumed_after}
+    )  # fmt: skip
+    print(f"soak trial {trial}: {job['status']}, attempt {job['attempt']}, "
+          f"kill → resumed {resumed_after:.1f}s")  # fmt: skip
+    assert (job["status"], job["attempt"]) == ("succeeded", 2), job["error"]
+    assert epochs == [1, 2]
     assert all(a < b for a, b in itertools.pairwise(steps)), steps
