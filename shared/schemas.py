@@ -36,6 +36,9 @@ class Hyperparameters(BaseModel):
     model: ModelName = Field("tutorial_cnn", description="network architecture")
     optimizer: OptimizerName = Field("sgd", description="optimizer")
     weight_decay: float = Field(0.0, ge=0, le=1, description="L2 penalty")
+    lr_gamma: float = Field(
+        1.0, gt=0, le=1, description="learning-rate decay per epoch (1 = constant)"
+    )
     device: Device = Field("auto", description="auto picks CUDA when the worker has it")
 
 

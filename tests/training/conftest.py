@@ -6,16 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from pydantic import Field
 
-from shared.schemas import Hyperparameters
 from worker.training.data import MnistSplit, load_split
-
-
-class WithLrGamma(Hyperparameters):
-    """The schema plus the per-epoch decay field the engine applies when it is there."""
-
-    lr_gamma: float = Field(1.0, gt=0, le=1)
 
 
 def synthetic_split(n: int, seed: int) -> MnistSplit:

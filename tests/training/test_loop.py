@@ -28,8 +28,6 @@ from worker.training.loop import (
     fit,
 )
 
-from .conftest import WithLrGamma
-
 CPU = torch.device("cpu")
 
 
@@ -235,7 +233,7 @@ def test_limits_cut_batches_and_test_samples(
 def test_lr_gamma_decays_the_rate_per_epoch_and_survives_resume(
     tiny_train: MnistSplit, tiny_test: MnistSplit, tmp_path: Path
 ) -> None:
-    hp = WithLrGamma(**tiny_hp(n_epochs=3).model_dump(), lr_gamma=0.5)
+    hp = tiny_hp(n_epochs=3, lr_gamma=0.5)
     straight = run(hp, tiny_train, tiny_test, tmp_path / "a", max_train_batches=3)
     group = torch.load(tmp_path / "a" / "optimizer.pth", weights_only=True)["param_groups"][0]
     assert group["lr"] == pytest.approx(0.05 * 0.25)

@@ -16,8 +16,6 @@ from worker.training.devices import configure_threads
 from worker.training.loop import FitResult, fit
 from worker.training.nets import FAST_CNN_SETTINGS
 
-from .conftest import WithLrGamma
-
 pytestmark = pytest.mark.mnist
 
 
@@ -102,7 +100,6 @@ def test_fast_cnn_passes_99_percent_in_two_epochs_with_its_settings(
     mnist_train: MnistSplit, mnist_test: MnistSplit, tmp_path: Path
 ) -> None:
     configure_threads(1)  # one thread: robust on a shared 2-core machine, see bench
-    schema = Hyperparameters if "lr_gamma" in Hyperparameters.model_fields else WithLrGamma
-    hp = schema.model_validate({"n_epochs": 2, "device": "cpu", **FAST_CNN_SETTINGS})
+    hp = Hyperparameters.model_validate({"n_epochs": 2, "device": "cpu", **FAST_CNN_SETTINGS})
     result = fit(hp, mnist_train, mnist_test, tmp_path, device=torch.device("cpu"))
     assert result.test_accuracy is not None and result.test_accuracy >= 0.99

@@ -133,13 +133,12 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, hp: Hyperparameters)
 def _set_epoch_learning_rate(
     optimizer: torch.optim.Optimizer, hp: Hyperparameters, epoch: int
 ) -> None:
-    """Step decay per epoch, lr * lr_gamma ** (epoch - 1), when the schema has ``lr_gamma``."""
-    # Computed from the epoch alone, so a resumed run needs no scheduler state. Without the
-    # field (or at 1.0) the rate stays constant, as in the seed recipe.
-    gamma = getattr(hp, "lr_gamma", 1.0)
-    if gamma != 1.0:
+    """Step decay per epoch: lr * lr_gamma ** (epoch - 1)."""
+    # Computed from the epoch alone, so a resumed run needs no scheduler state. At the
+    # default 1.0 the rate stays constant, as in the seed recipe.
+    if hp.lr_gamma != 1.0:
         for group in optimizer.param_groups:
-            group["lr"] = hp.learning_rate * gamma ** (epoch - 1)
+            group["lr"] = hp.learning_rate * hp.lr_gamma ** (epoch - 1)
 
 
 def train_epoch(
