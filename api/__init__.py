@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
         jobs,
         limits,
         openapi,
+        predict,
         security,
         users,
     )
@@ -48,6 +49,6 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     auth.init_app(app)
     limits.init_app(app, settings)
     security.init_app(app, settings)
-    for blueprint in (jobs.bp, artifacts.bp, health.bp, users.bp, openapi.bp, docs.bp):
+    for blueprint in (jobs.bp, artifacts.bp, health.bp, users.bp, openapi.bp, docs.bp, predict.bp):
         app.register_blueprint(blueprint)
     return app

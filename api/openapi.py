@@ -28,6 +28,7 @@ ERROR_TEXT = {
     404: "no such job or artifact",
     409: "the job's state does not allow this",
     413: "request body too large",
+    415: "unsupported media type",
     422: "invalid fields, each named in details",
     429: "too many submissions for this token, or too many queued jobs; see Retry-After",
     503: "database or broker unavailable",
@@ -62,7 +63,8 @@ class Operation:
     summary: str
     # A model, or the media types a file may be served as.
     responses: Mapping[int, type[BaseModel] | tuple[str, ...]]
-    body: type[BaseModel] | None = None
+    # A model (a JSON body), or media type → schema for other bodies (images, forms).
+    body: type[BaseModel] | Mapping[str, Mapping[str, Any]] | None = None
     query: type[BaseModel] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     errors: tuple[int, ...] = ()
@@ -107,7 +109,7 @@ def _models(ops: list[Route]) -> list[tuple[type[BaseModel], Mode]]:
     models: dict[tuple[type[BaseModel], Mode], None] = {(ErrorOut, "serialization"): None}
     for route in ops:
         op = route.op
-        if op.body is not None:
+        if isinstance(op.body, type):
             models[(op.body, "validation")] = None
         for answer in op.responses.values():
             if isinstance(answer, type):
@@ -182,9 +184,12 @@ def _operation_object(route: Route, refs: Mapping[Any, Any]) -> dict[str, Any]:
     params = _parameters(route.path, op)
     if params:
         out["parameters"] = params
-    if op.body is not None:
+    if isinstance(op.body, type):
         schema = refs[(op.body, "validation")]
         out["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+    elif op.body is not None:
+        content = {media: {"schema": dict(schema)} for media, schema in op.body.items()}
+        out["requestBody"] = {"required": True, "content": content}
     responses = {
         str(code): _response(ans, refs, "success", code) for code, ans in op.responses.items()
     }

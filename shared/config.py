@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +40,15 @@ class Settings(BaseSettings):
     # HTTP API.
     max_body_bytes: int = Field(64 * 1024, gt=0)
     page_size: int = Field(50, ge=1, le=500)
+
+    # Prediction from a trained job: images may be larger than other request bodies.
+    max_image_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="largest image a prediction request may send"
+    )
+
+    # The command line and Python client: which server to talk to, and as whom.
+    url: str = Field("http://127.0.0.1:8000", description="base URL of the mnistq server")
+    token: SecretStr | None = Field(None, description="API token (default: var/admin-token)")
 
     # Limits and exposure of the HTTP API.
     max_queued_jobs_per_user: int = Field(100, ge=1, description="queued jobs one user may have")

@@ -242,6 +242,19 @@ class JobPageOut(BaseModel):
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null at end")
 
 
+class PredictionOut(BaseModel):
+    """The digit a job's trained model sees in an image, with every class's probability."""
+
+    job_id: str
+    digit: int = Field(ge=0, le=9, description="the most likely digit")
+    probabilities: list[float] = Field(
+        min_length=10, max_length=10, description="probability of each digit 0..9"
+    )
+    model: str = Field(description="the network, e.g. tutorial_cnn")
+    epoch: int | None = Field(description="the last epoch the model was trained for")
+    sha256: str = Field(description="sha256 of the model.pth that answered")
+
+
 class ErrorOut(BaseModel):
     """Every error response."""
 
