@@ -22,6 +22,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     from api import (
         artifacts,
         auth,
+        dashboard,
         db,
         docs,
         errors,
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     auth.init_app(app)
     limits.init_app(app, settings)
     security.init_app(app, settings)
+    dashboard.init_app(app, settings)
     for blueprint in (jobs.bp, artifacts.bp, health.bp, users.bp, openapi.bp, docs.bp, predict.bp):
         app.register_blueprint(blueprint)
     return app

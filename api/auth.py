@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 from flask import Flask, current_app, g, request
 
+from api import dashboard_session
 from api.db import get_session
 from api.errors import ApiError
 from shared.auth import authenticate
@@ -37,13 +38,23 @@ def require_token() -> None:
     """Load the caller's token and user into ``g``; 401 if there is no live token."""
     view = current_app.view_functions.get(request.endpoint or "")
     # No view: the request 404s or 405s anyway. OPTIONS: a CORS preflight carries no token.
+    # Static files are the dashboard's CSS and scripts: nothing secret, needed to sign in.
     if view is None or is_public(view) or request.method == "OPTIONS":
         return
-    token = authenticate(get_session(), _bearer_secret())
+    if request.endpoint == "static":
+        return
+    token = _session_token() or authenticate(get_session(), _bearer_secret())
     if token is None:
         raise _unauthorized("invalid_token", "the token is unknown or revoked")
     g.api_token = token
     g.user = token.user
+
+
+def _session_token() -> ApiToken | None:
+    """The dashboard's own reads of the JSON API ride on its signed-in session."""
+    if not dashboard_session.session_may_authenticate():
+        return None
+    return dashboard_session.session_token()
 
 
 def _bearer_secret() -> str:

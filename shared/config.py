@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     cors_origins: str = Field(
         "", description="comma-separated origins allowed cross-origin calls; empty: CORS off"
     )
+    secret_key: SecretStr | None = Field(
+        None, description="signs the dashboard's session cookie; unset: a key kept in var_dir"
+    )
 
     @property
     def broker_dir(self) -> Path:
@@ -68,6 +71,11 @@ class Settings(BaseSettings):
     def admin_token_path(self) -> Path:
         """Where `mnistq up` keeps the token of the admin it creates (mode 0600)."""
         return self.var_dir / "admin-token"
+
+    @property
+    def secret_key_path(self) -> Path:
+        """Where the generated session key lives when ``secret_key`` is unset (mode 0600)."""
+        return self.var_dir / "secret-key"
 
     @property
     def cors_origin_list(self) -> list[str]:

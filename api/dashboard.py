@@ -1,0 +1,213 @@
+"""The dashboard: server-rendered pages over the job API, signed in with an API token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Flask,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask.typing import ResponseReturnValue
+
+from api import dashboard_session
+from api.auth import owner_scope, public
+from api.dashboard_forms import Submission, form_fields, read_submission
+from api.db import get_session
+from api.errors import ApiError
+from api.extensions import services
+from api.jobs import _publish as publish_job
+from api.limits import check_submit_rate
+from api.serialize import job_json, jobs_json
+from shared.config import Settings
+from shared.jobs import (
+    InvalidJobRequest,
+    JobConflict,
+    TooManyQueuedJobs,
+    create_job,
+    get_job,
+    list_jobs,
+    request_cancel,
+)
+
+bp = Blueprint("dashboard", __name__)
+
+PLOTS = ("examples.png", "loss_curve.png", "predictions.png")
+MAX_COMPARED = 8
+IMAGE_TYPES = ("image/png",)
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Register the dashboard and the session it signs people in with."""
+    dashboard_session.init_app(app, settings)
+    app.register_blueprint(bp)
+
+
+@bp.before_request
+def _signed_in() -> ResponseReturnValue | None:
+    """Check CSRF on every post; every page but sign-in needs a live session."""
+    dashboard_session.check_csrf()
+    if request.endpoint in ("dashboard.signin", "dashboard.root"):
+        return None
+    token = dashboard_session.session_token()
+    if token is None:
+        if request.method == "GET":
+            return redirect(url_for("dashboard.signin", next=request.full_path))
+        raise ApiError(401, "authentication_required", "sign in to the dashboard first")
+    g.api_token, g.user = token, token.user
+    return None
+
+
+@bp.app_context_processor
+def _template_globals() -> dict[str, Any]:
+    return {"csrf_token": dashboard_session.csrf_token, "user": g.get("user")}
+
+
+@bp.get("/")
+@public
+def root() -> ResponseReturnValue:
+    """The dashboard lives under /ui/."""
+    return redirect(url_for("dashboard.jobs"))
+
+
+@bp.route("/ui/signin", methods=["GET", "POST"])
+@public
+def signin() -> ResponseReturnValue:
+    """Sign in with an API token; the session cookie then stands for it."""
+    if request.method == "GET":
+        return render_template("dashboard/signin.html", error=None)
+    if dashboard_session.sign_in(request.form.get("token", "")) is None:
+        error = "That token is unknown or revoked."
+        return render_template("dashboard/signin.html", error=error), 401
+    return redirect(_local(request.args.get("next")) or url_for("dashboard.jobs"))
+
+
+def _local(target: str | None) -> str | None:
+    """``target`` if it is a path on this site (no open redirect), else None."""
+    if target and target.startswith("/") and not target.startswith(("//", "/\\")):
+        return target
+    return None
+
+
+@bp.post("/ui/signout")
+@public
+def signout() -> ResponseReturnValue:
+    """End the session."""
+    dashboard_session.sign_out()
+    return redirect(url_for("dashboard.signin"))
+
+
+@bp.get("/ui/")
+@public
+def jobs() -> ResponseReturnValue:
+    """The job list, refreshed live by jobs.js."""
+    session = get_session()
+    page_size = services().settings.page_size
+    found, _cursor = list_jobs(session, limit=page_size, owner_id=owner_scope())
+    return render_template("dashboard/jobs.html", jobs=jobs_json(session, found), limit=page_size)
+
+
+@bp.route("/ui/jobs/new", methods=["GET", "POST"])
+@public
+def new_job() -> ResponseReturnValue:
+    """The submit form: every hyperparameter with its default and bounds."""
+    if request.method == "GET":
+        return _form(Submission({}, None, {}))
+    submission = read_submission(request.form)
+    if submission.body is None:
+        return _form(submission, 422)
+    check_submit_rate()
+    try:
+        job_id = _submit(submission)
+    except (InvalidJobRequest, TooManyQueuedJobs) as exc:
+        submission.errors[""] = str(exc)
+        return _form(submission, 422)
+    flash(f"Job {job_id} submitted.")
+    return redirect(url_for("dashboard.job", job_id=job_id))
+
+
+def _form(submission: Submission, status: int = 200) -> ResponseReturnValue:
+    page = render_template("dashboard/new.html", fields=form_fields(), form=submission)
+    return page, status
+
+
+def _submit(submission: Submission) -> str:
+    """Store the job and publish it as POST /api/v1/jobs does; its id."""
+    assert submission.body is not None
+    session = get_session()
+    job, _created = create_job(
+        session,
+        submission.body,
+        idempotency_key=None,
+        owner_id=g.user.id,
+        sees_all=g.user.is_admin,
+        max_queued=services().settings.max_queued_jobs_per_user,
+    )
+    publish_job(session, job)
+    return job.id
+
+
+@bp.get("/ui/jobs/<job_id>")
+@public
+def job(job_id: str) -> ResponseReturnValue:
+    """One job: live curves, plots, hyperparameters, artifacts, cancel."""
+    session = get_session()
+    found = job_json(session, get_job(session, job_id, owner_id=owner_scope()))
+    plots = [a for a in found["artifacts"] if a["name"] in PLOTS]
+    return render_template("dashboard/job.html", job=found, plots=plots)
+
+
+@bp.post("/ui/jobs/<job_id>/cancel")
+@public
+def cancel(job_id: str) -> ResponseReturnValue:
+    """Cancel from the job page, then show it again."""
+    try:
+        request_cancel(get_session(), job_id, owner_id=owner_scope())
+        flash("Cancellation requested.")
+    except JobConflict as exc:
+        flash(str(exc), "error")
+    return redirect(url_for("dashboard.job", job_id=job_id))
+
+
+@bp.get("/ui/compare")
+@public
+def compare() -> ResponseReturnValue:
+    """Selected jobs side by side: final metrics, hyperparameters, overlaid curves."""
+    session = get_session()
+    ids = list(dict.fromkeys(request.args.getlist("job")))[:MAX_COMPARED]
+    chosen = [get_job(session, job_id, owner_id=owner_scope()) for job_id in ids]
+    compared = jobs_json(session, chosen)
+    keys = [f.name for f in form_fields()]
+    return render_template("dashboard/compare.html", jobs=compared, keys=keys)
+
+
+@bp.get("/ui/draw")
+@public
+def draw() -> ResponseReturnValue:
+    """Draw a digit and see what a succeeded job's model makes of it."""
+    session = get_session()
+    done, _cursor = list_jobs(
+        session, statuses=["succeeded"], limit=services().settings.page_size,
+        owner_id=owner_scope(),
+    )  # fmt: skip
+    chosen = request.args.get("job") or (done[0].id if done else None)
+    return render_template("dashboard/draw.html", jobs=done, chosen=chosen)
+
+
+@bp.post("/ui/jobs/<job_id>/predict")
+@public
+def predict(job_id: str) -> ResponseReturnValue:
+    """The drawn PNG through the job's model: the digit and its ten probabilities."""
+    from api.predict import predict_for_job  # loads torch: only when someone predicts
+
+    if request.mimetype not in IMAGE_TYPES:
+        raise ApiError(415, "unsupported_media_type", "send the drawing as image/png")
+    session = get_session()
+    found = get_job(session, job_id, owner_id=owner_scope())
+    return predict_for_job(session, services().store, found, request.get_data())

@@ -1,0 +1,117 @@
+"""The dashboard's browser session: the signing key, sign-in and sign-out, and CSRF tokens."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from flask import Flask, request, session
+from sqlalchemy import select
+
+from api.db import get_session
+from api.errors import ApiError
+from shared.auth import authenticate
+from shared.config import Settings
+from shared.models import ApiToken
+
+TOKEN_KEY = "token_hash"
+CSRF_KEY = "csrf"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Sec-Fetch-Site values for requests the dashboard itself made (or a person typed the URL).
+OWN_SITES = frozenset({"same-origin", "none"})
+
+
+def secret_key(settings: Settings) -> str:
+    """The configured key, else the one kept in var_dir, made on first use."""
+    if settings.secret_key is not None:
+        return settings.secret_key.get_secret_value()
+    return _stored_key(settings.secret_key_path)
+
+
+def _stored_key(path: Path) -> str:
+    """Read the key file, creating it atomically if missing, so every worker shares one key."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(48))
+        try:
+            # link() fails if another process won the race; then its key is the key.
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Give ``app`` its signing key and a cookie scripts cannot read, sent same-site only."""
+    app.secret_key = secret_key(settings)
+    app.config.update(
+        SESSION_COOKIE_NAME="mnistq_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+    )
+
+
+def sign_in(secret: str) -> ApiToken | None:
+    """Start a session for the live token ``secret``; None (and no session) otherwise."""
+    token = authenticate(get_session(), secret.strip())
+    if token is None:
+        return None
+    # A fresh session on sign-in: nothing from before (a planted CSRF token) carries over.
+    session.clear()
+    # The hash, not the secret: the cookie is signed, not encrypted.
+    session[TOKEN_KEY] = token.token_hash
+    return token
+
+
+def sign_out() -> None:
+    """End the session."""
+    session.clear()
+
+
+def session_token() -> ApiToken | None:
+    """The live token the session was signed in with; None if none or since revoked."""
+    token_hash = session.get(TOKEN_KEY)
+    if not isinstance(token_hash, str):
+        return None
+    stmt = select(ApiToken).where(ApiToken.token_hash == token_hash)
+    token = get_session().scalars(stmt).one_or_none()
+    if token is None or token.revoked_at is not None:
+        return None
+    return token
+
+
+def session_may_authenticate() -> bool:
+    """True for a same-origin read without a bearer token: the dashboard's own JSON fetches."""
+    if request.method not in SAFE_METHODS or "Authorization" in request.headers:
+        return False
+    return request.headers.get("Sec-Fetch-Site", "same-origin") in OWN_SITES
+
+
+def csrf_token() -> str:
+    """The session's CSRF token, made on first use; forms and scripts send it back."""
+    token = session.get(CSRF_KEY)
+    if not isinstance(token, str):
+        token = secrets.token_urlsafe(32)
+        session[CSRF_KEY] = token
+    return token
+
+
+def check_csrf() -> None:
+    """400 unless a state-changing request carries the session's CSRF token."""
+    if request.method in SAFE_METHODS:
+        return
+    expected = session.get(CSRF_KEY)
+    sent = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD, "")
+    if not isinstance(expected, str) or not hmac.compare_digest(expected, sent):
+        raise ApiError(
+            400, "csrf_failed", "the form is stale or was not sent by this dashboard; reload it"
+        )
