@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from client.commands import COMMANDS
 from client.server import api_command, db_group, up_command, worker_command
 from client.train import train_command
 from client.users import tokens_group, users_group
@@ -22,6 +23,8 @@ cli.add_command(worker_command)
 cli.add_command(db_group)
 cli.add_command(users_group)
 cli.add_command(tokens_group)
+for command in COMMANDS:
+    cli.add_command(command)
 
 
 def main() -> None:

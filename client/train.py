@@ -2,59 +2,17 @@
 
 from __future__ import annotations
 
-import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
+from client.hyperparameters import hyperparameter_options, hyperparameters_from_flags
 from shared.config import get_settings
-from shared.schemas import Hyperparameters
-
-F = typing.TypeVar("F", bound=Callable[..., Any])
-
-
-def _click_type(annotation: Any) -> click.ParamType:
-    """int and float flags convert on the command line; everything else is checked by pydantic."""
-    if annotation is int:
-        return click.INT
-    if annotation is float:
-        return click.FLOAT
-    return click.STRING
-
-
-def _hyperparameter_options(func: F) -> F:
-    """One ``--flag`` per Hyperparameters field, named after it, defaulting to the schema's."""
-    for name, info in reversed(list(Hyperparameters.model_fields.items())):
-        choices = typing.get_args(info.annotation)
-        hint = f" [{'|'.join(choices)}]" if choices else ""
-        func = click.option(
-            f"--{name.replace('_', '-')}",
-            name,
-            type=_click_type(info.annotation),
-            default=None,
-            help=f"{info.description}{hint} (default: {info.default})",
-        )(func)
-    return func
-
-
-def _hyperparameters(base: dict[str, Any], flags: dict[str, Any]) -> Hyperparameters:
-    """Validate the flags given on top of ``base``; errors name the flag and what is wrong."""
-    given = {key: value for key, value in flags.items() if value is not None}
-    try:
-        return Hyperparameters.model_validate({**base, **given})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise click.UsageError(f"invalid hyperparameters: {problems}") from exc
 
 
 @click.command("train")
-@_hyperparameter_options
+@hyperparameter_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="folder for checkpoints, model.pth, plots and metrics.json")  # fmt: skip
 @click.option("--threads", type=click.IntRange(min=0), default=None,
@@ -106,7 +64,7 @@ def _run(
     try:
         checkpoint = load_checkpoint(resume) if resume else None
         base = checkpoint.hyperparameters if checkpoint else {}
-        hp = _hyperparameters(base, flags)
+        hp = hyperparameters_from_flags(base, flags)
         n_threads = configure_threads(threads)
         device = resolve_device(hp.device)
         train = load_split(data_dir, train=True, download=download)
