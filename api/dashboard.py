@@ -83,8 +83,8 @@ def signin() -> ResponseReturnValue:
     if request.method == "GET":
         return render_template("dashboard/signin.html", error=None)
     if dashboard_session.sign_in(request.form.get("token", "")) is None:
-        error = "That token is unknown or revoked."
-        return render_template("dashboard/signin.html", error=error), 401
+        # 200, as a re-shown form is: the page is fine, the token is not.
+        return render_template("dashboard/signin.html", error="That token is unknown or revoked.")
     return redirect(_local(request.args.get("next")) or url_for("dashboard.jobs"))
 
 
@@ -121,20 +121,20 @@ def new_job() -> ResponseReturnValue:
         return _form(Submission({}, None, {}))
     submission = read_submission(request.form)
     if submission.body is None:
-        return _form(submission, 422)
+        return _form(submission)
     check_submit_rate()
     try:
         job_id = _submit(submission)
     except (InvalidJobRequest, TooManyQueuedJobs) as exc:
         submission.errors[""] = str(exc)
-        return _form(submission, 422)
+        return _form(submission)
     flash(f"Job {job_id} submitted.")
     return redirect(url_for("dashboard.job", job_id=job_id))
 
 
-def _form(submission: Submission, status: int = 200) -> ResponseReturnValue:
-    page = render_template("dashboard/new.html", fields=form_fields(), form=submission)
-    return page, status
+def _form(submission: Submission) -> ResponseReturnValue:
+    # Errors re-show the form with 200: the page itself loaded fine.
+    return render_template("dashboard/new.html", fields=form_fields(), form=submission)
 
 
 def _submit(submission: Submission) -> str:

@@ -39,17 +39,29 @@ window.mnistq = (function () {
 
   function tick(value) {
     const abs = Math.abs(value);
+    if (abs < 1e-9) return "0";
     if (abs >= 10000) return (value / 1000).toFixed(0) + "k";
     if (abs >= 100) return value.toFixed(0);
     if (abs >= 1) return value.toFixed(2);
     return value.toFixed(3);
   }
 
-  // series: [{label, color, points: [[x, y], ...], dots: bool}]; opts: {xLabel, yRange}
+  // Where to put x-axis labels: every integer for a few epochs, else five even steps.
+  function xTicks(xr, integer) {
+    if (integer && xr[1] - xr[0] <= 12) {
+      const out = [];
+      for (let x = Math.ceil(xr[0]); x <= xr[1]; x++) out.push(x);
+      return out;
+    }
+    return [0, 1, 2, 3, 4].map(function (i) { return xr[0] + (xr[1] - xr[0]) * i / 4; });
+  }
+
+  // series: [{label, color, points: [[x, y], ...], dots: bool}];
+  // opts: {xLabel, xRange, yRange, integerX, empty}
   function drawChart(canvas, series, opts) {
     opts = opts || {};
     const ctx = canvas.getContext("2d");
-    const w = canvas.width, h = canvas.height, left = 52, right = 12, top = 12, bottom = 36;
+    const w = canvas.width, h = canvas.height, left = 52, right = 16, top = 30, bottom = 36;
     ctx.clearRect(0, 0, w, h);
     ctx.fillStyle = "#fff";
     ctx.fillRect(0, 0, w, h);
@@ -62,7 +74,7 @@ window.mnistq = (function () {
       canvas.dataset.points = "0";
       return;
     }
-    const xr = extent(xs, [0, 1]), yr = opts.yRange || extent(ys, [0, 1]);
+    const xr = opts.xRange || extent(xs, [0, 1]), yr = opts.yRange || extent(ys, [0, 1]);
     const px = function (x) { return left + (x - xr[0]) / (xr[1] - xr[0]) * (w - left - right); };
     const py = function (y) { return top + (1 - (y - yr[0]) / (yr[1] - yr[0])) * (h - top - bottom); };
     ctx.strokeStyle = "#e5e7eb";
@@ -72,10 +84,13 @@ window.mnistq = (function () {
       const y = yr[0] + (yr[1] - yr[0]) * i / 4;
       ctx.beginPath(); ctx.moveTo(left, py(y)); ctx.lineTo(w - right, py(y)); ctx.stroke();
       ctx.fillText(tick(y), 4, py(y) + 4);
-      const x = xr[0] + (xr[1] - xr[0]) * i / 4;
-      ctx.fillText(tick(x), px(x) - 10, h - bottom + 16);
     }
-    ctx.fillText(opts.xLabel || "", w / 2 - 30, h - 4);
+    ctx.textAlign = "center";
+    xTicks(xr, opts.integerX).forEach(function (x) {
+      ctx.fillText(opts.integerX ? String(x) : tick(x), px(x), h - bottom + 16);
+    });
+    ctx.fillText(opts.xLabel || "", left + (w - left - right) / 2, h - 4);
+    ctx.textAlign = "left";
     series.forEach(function (s) {
       ctx.strokeStyle = s.color; ctx.fillStyle = s.color; ctx.lineWidth = 2;
       if (s.points.length > 1 && !s.dotsOnly) {
@@ -90,8 +105,8 @@ window.mnistq = (function () {
     let lx = left + 8;
     series.forEach(function (s) {
       if (!s.label) return;
-      ctx.fillStyle = s.color; ctx.fillRect(lx, top + 2, 10, 10);
-      ctx.fillStyle = "#111827"; ctx.fillText(s.label, lx + 14, top + 11);
+      ctx.fillStyle = s.color; ctx.fillRect(lx, 6, 10, 10);
+      ctx.fillStyle = "#111827"; ctx.fillText(s.label, lx + 14, 15);
       lx += ctx.measureText(s.label).width + 30;
     });
     canvas.dataset.points = String(xs.length);
@@ -109,5 +124,13 @@ window.mnistq = (function () {
     return function () { clearTimeout(timer); };
   }
 
-  return { COLORS, getJSON, pct, num, make, statusBadge, drawChart, poll };
+  // Axes for test accuracy (percent) against epoch: whole epochs, a few points of headroom.
+  function accuracyAxes(points, epochs) {
+    const ys = points.map(function (p) { return p[1]; });
+    const lo = ys.length ? Math.max(0, Math.floor(Math.min.apply(null, ys)) - 2) : 0;
+    const hi = ys.length ? Math.min(100, Math.ceil(Math.max.apply(null, ys)) + 2) : 100;
+    return { xLabel: "epoch", integerX: true, xRange: [0.5, Math.max(epochs, 1) + 0.5], yRange: [lo, hi] };
+  }
+
+  return { COLORS, getJSON, pct, num, make, statusBadge, drawChart, poll, accuracyAxes };
 })();

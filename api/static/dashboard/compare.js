@@ -20,11 +20,14 @@
     m.drawChart(document.getElementById("loss-chart"), all.map(function (metrics, i) {
       return { label: label(i), color: color(i), points: metrics.train.map(function (p) { return [p.samples_seen, p.loss]; }) };
     }), { xLabel: "samples seen" });
-    m.drawChart(document.getElementById("accuracy-chart"), all.map(function (metrics, i) {
+    const accuracy = all.map(function (metrics, i) {
       const points = metrics.test.filter(function (p) { return p.accuracy !== null; })
         .map(function (p) { return [p.epoch, p.accuracy * 100]; });
       return { label: label(i), color: color(i), points: points, dots: true };
-    }), { xLabel: "epoch" });
+    });
+    const everyPoint = [].concat.apply([], accuracy.map(function (s) { return s.points; }));
+    const epochs = Math.max.apply(null, heads.map(function (th) { return Number(th.dataset.epochs); }));
+    m.drawChart(document.getElementById("accuracy-chart"), accuracy, m.accuracyAxes(everyPoint, epochs));
     return true;
   }
 

@@ -9,7 +9,7 @@
   const lossChart = document.getElementById("loss-chart");
   const accuracyChart = document.getElementById("accuracy-chart");
 
-  function drawMetrics(metrics) {
+  function drawMetrics(metrics, epochs) {
     const train = metrics.train.map(function (p) { return [p.samples_seen, p.loss]; });
     const test = metrics.test.map(function (p) { return [p.samples_seen, p.loss]; });
     m.drawChart(lossChart, [
@@ -19,9 +19,11 @@
     const accuracy = metrics.test
       .filter(function (p) { return p.accuracy !== null; })
       .map(function (p) { return [p.epoch, p.accuracy * 100]; });
+    const axes = m.accuracyAxes(accuracy, epochs);
+    axes.empty = "after the first epoch";
     m.drawChart(accuracyChart, [
       { label: "test accuracy %", color: m.COLORS[2], points: accuracy, dots: true },
-    ], { xLabel: "epoch", empty: "after the first epoch" });
+    ], axes);
   }
 
   function showJob(job) {
@@ -34,11 +36,13 @@
       (p.eta_seconds !== null ? ", about " + Math.ceil(p.eta_seconds) + " s left" : "");
     document.getElementById("accuracy").textContent = m.pct(job.test_accuracy);
     document.getElementById("loss").textContent = m.num(job.test_loss);
+    const note = document.getElementById("queue-note");
+    if (note) note.hidden = job.status !== "queued";
   }
 
   async function refresh() {
     const job = await m.getJSON(root.dataset.job);
-    drawMetrics(await m.getJSON(root.dataset.metrics));
+    drawMetrics(await m.getJSON(root.dataset.metrics), job.progress.n_epochs);
     showJob(job);
     if (FINISHED.indexOf(job.status) >= 0) {
       // The server renders the plots and artifacts of a finished job: show them once.

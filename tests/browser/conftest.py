@@ -1,0 +1,103 @@
+"""A real stack (gunicorn API, Celery worker, Redis, PostgreSQL) and headless Chromium."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Error, Page, sync_playwright
+
+from tests.integration.conftest import RedisServer, make_pg_database, pg_url, redis_server
+from tests.integration.stack import stack_env
+from tests.integration.test_worker import Stack
+
+__all__ = ["make_pg_database", "pg_url", "redis_server"]  # fixtures shared with integration
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+pytestmark = [pytest.mark.integration, pytest.mark.mnist]
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium, headless; a missing browser fails (scripts/services installs it)."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/services (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    pg_url: str,
+    redis_server: RedisServer,
+    mnist_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """The API and one cpu worker (epochs capped at 100 batches) on fresh services."""
+    var = tmp_path_factory.mktemp("var")
+    env = stack_env(
+        database_url=pg_url, broker_url=redis_server.url, var_dir=var, data_dir=mnist_dir
+    )
+    system = Stack(env, var)
+    system.api.start()
+    system.worker.start()
+    system.wait_live_workers(1)
+    yield system
+    for process in (system.worker, system.api.process):
+        process.kill()
+    system.engine.dispose()
+
+
+@dataclass
+class Console:
+    """JavaScript errors a page reported: console.error messages and uncaught exceptions."""
+
+    errors: list[str] = field(default_factory=list)
+
+    def on_console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.errors.append(f"console: {message.text} at {message.location}")
+
+    def on_page_error(self, error: Error) -> None:
+        self.errors.append(f"pageerror: {error.message}")
+
+
+@pytest.fixture(scope="module")
+def console() -> Console:
+    """Every JavaScript error of the module's page."""
+    return Console()
+
+
+@pytest.fixture(scope="module")
+def page(browser: Browser, stack: Stack, console: Console) -> Iterator[Page]:
+    """One browser tab on the stack's API, kept across the module's steps like a person's."""
+    context = browser.new_context(base_url=stack.api.base, accept_downloads=True)
+    tab = context.new_page()
+    tab.set_default_timeout(15_000)
+    tab.on("console", console.on_console)
+    tab.on("pageerror", console.on_page_error)
+    yield tab
+    context.close()
+
+
+@pytest.fixture(autouse=True)
+def no_javascript_errors(console: Console) -> Iterator[None]:
+    """Each step ends with no JavaScript error logged on the page."""
+    before = len(console.errors)
+    yield
+    assert console.errors[before:] == []
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Screenshots of each page, kept for a person to look at when a step fails."""
+    return tmp_path_factory.mktemp("screenshots")

@@ -1,0 +1,133 @@
+"""The dashboard in a real browser: sign in, submit, watch a job train, download, draw, compare."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.integration.test_worker import ACCURATE, Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.mnist]
+
+TRAIN_TIMEOUT_MS = 60_000
+PLOTS = ("examples.png", "loss_curve.png", "predictions.png")
+
+
+@pytest.fixture(scope="module")
+def job(page: Page, stack: Stack) -> dict[str, Any]:
+    """Filled in by the steps: the id of the job submitted from the form."""
+    return {}
+
+
+def test_sign_in_with_the_admin_token(page: Page, stack: Stack, shots: Path) -> None:
+    page.goto("/")
+    expect(page).to_have_url(re.compile(r"/ui/signin"))
+    page.fill("#token", "mnq_" + "0" * 43)
+    page.click("#signin button[type=submit]")
+    expect(page.locator("#signin .error")).to_contain_text("unknown or revoked")
+    token = stack.api.http.headers["Authorization"].split(" ", 1)[1]
+    page.fill("#token", str(token))
+    page.click("#signin button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/ui/$"))
+    expect(page.locator("h1")).to_have_text("Jobs")
+    page.screenshot(path=shots / "jobs-empty.png", full_page=True)
+
+
+def test_submit_from_the_form_and_watch_it_succeed(
+    page: Page, stack: Stack, job: dict[str, Any], shots: Path
+) -> None:
+    page.goto("/ui/jobs/new")
+    page.fill("#f-n_epochs", "0")
+    page.click("#new-job button[type=submit]")
+    expect(page.locator("#error-n_epochs")).to_contain_text("greater than or equal to 1")
+    page.screenshot(path=shots / "form-error.png", full_page=True)
+    page.fill("#f-name", "from the browser")
+    page.fill("#f-n_epochs", "1")
+    page.fill("#f-log_interval", "5")
+    for name, value in ACCURATE.items():
+        field = page.locator(f"#f-{name}")
+        if field.evaluate("e => e.tagName") == "SELECT":
+            field.select_option(str(value))
+        else:
+            field.fill(str(value))
+    page.click("#new-job button[type=submit]")
+    expect(page.locator(".flash.message")).to_contain_text("submitted")
+    job["id"] = page.url.rsplit("/", 1)[1]
+    expect(page.locator("#status")).to_have_text("succeeded", timeout=TRAIN_TIMEOUT_MS)
+    for canvas in ("#loss-chart", "#accuracy-chart"):
+        assert painted_pixels(page, canvas) > 500, canvas
+    for name in PLOTS:
+        image = page.locator(f'img[alt="{name}"]')
+        image.scroll_into_view_if_needed()
+        expect(image).to_be_visible()
+        page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=image.element_handle())
+    assert float(page.locator("#accuracy").inner_text().rstrip("%")) >= 90
+    page.screenshot(path=shots / "job.png", full_page=True)
+
+
+def painted_pixels(page: Page, selector: str) -> int:
+    """How many pixels of a canvas are neither blank nor the white background."""
+    script = """c => { const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 0; i < d.length; i += 4)
+          if (d[i + 3] > 0 && (d[i] < 200 || d[i + 1] < 200 || d[i + 2] < 200)) n++;
+        return n; }"""
+    return int(page.locator(selector).evaluate(script))
+
+
+def test_the_job_list_shows_it_with_progress_and_accuracy(
+    page: Page, job: dict[str, Any], shots: Path
+) -> None:
+    page.goto("/ui/")
+    row = page.locator(f'tr[data-id="{job["id"]}"]')
+    expect(row.locator(".status")).to_have_text("succeeded")
+    assert row.locator("progress").get_attribute("value") in ("1", "1.0")
+    expect(row.locator("td.n").first).to_have_text(re.compile(r"^\d+\.\d\d%$"))
+    page.screenshot(path=shots / "jobs.png", full_page=True)
+
+
+def test_download_the_model(page: Page, stack: Stack, job: dict[str, Any], tmp_path: Path) -> None:
+    page.goto(f"/ui/jobs/{job['id']}")
+    link = page.locator('a[download][href$="/model.pth"]')
+    with page.expect_download() as info:
+        link.click()
+    saved = tmp_path / "model.pth"
+    info.value.save_as(saved)
+    data = saved.read_bytes()
+    listed = {a["name"]: a for a in stack.api.get(f"/jobs/{job['id']}/artifacts")["items"]}
+    assert len(data) > 0 and len(data) == listed["model.pth"]["size"]
+    assert hashlib.sha256(data).hexdigest() == listed["model.pth"]["sha256"]
+
+
+def test_draw_a_digit_and_see_the_prediction(page: Page, job: dict[str, Any], shots: Path) -> None:
+    page.goto(f"/ui/draw?job={job['id']}")
+    pad = page.locator("#pad").bounding_box()
+    assert pad is not None
+    x = pad["x"] + pad["width"] / 2
+    page.mouse.move(x, pad["y"] + pad["height"] * 0.15)
+    page.mouse.down()
+    for step in range(1, 21):  # a vertical stroke: a "1"
+        page.mouse.move(x, pad["y"] + pad["height"] * (0.15 + 0.7 * step / 20))
+    page.mouse.up()
+    page.click("#predict")
+    expect(page.locator("#digit")).to_have_text(re.compile(r"^\d$"))
+    shown = [float(t.rstrip("%")) for t in page.locator("#probabilities .p").all_inner_texts()]
+    assert len(shown) == 10 and abs(sum(shown) - 100) < 1.5
+    digit = int(page.locator("#digit").inner_text())
+    assert shown.index(max(shown)) == digit
+    assert digit == 1
+    page.screenshot(path=shots / "draw.png", full_page=True)
+
+
+def test_compare_page_draws_the_chosen_jobs(page: Page, job: dict[str, Any], shots: Path) -> None:
+    page.goto("/ui/")
+    page.check(f'tr[data-id="{job["id"]}"] input[type=checkbox]')
+    page.click("#compare-button")
+    expect(page.locator("table.compare th[data-id]")).to_have_count(1)
+    page.wait_for_function("() => document.getElementById('loss-chart').dataset.points > 0")
+    assert painted_pixels(page, "#loss-chart") > 500
+    page.screenshot(path=shots / "compare.png", full_page=True)
