@@ -21,8 +21,6 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 
-pytestmark = [pytest.mark.integration, pytest.mark.mnist]
-
 
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Browser]:
