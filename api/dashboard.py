@@ -58,7 +58,7 @@ def _signed_in() -> ResponseReturnValue | None:
     token = dashboard_session.session_token()
     if token is None:
         if request.method == "GET":
-            return redirect(url_for("dashboard.signin", next=request.full_path))
+            return redirect(url_for("dashboard.signin", next=request.full_path.rstrip("?")))
         raise ApiError(401, "authentication_required", "sign in to the dashboard first")
     g.api_token, g.user = token, token.user
     return None

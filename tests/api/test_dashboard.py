@@ -57,9 +57,9 @@ def browser(app: Flask, admin: Caller) -> FlaskClient:
 def test_root_redirects_to_the_dashboard_and_pages_need_a_session(app: Flask) -> None:
     client = app.test_client()
     assert client.get("/").headers["Location"].endswith("/ui/")
-    response = client.get("/ui/")
+    response = client.get("/ui/draw?job=x")
     assert response.status_code == 302
-    assert "/ui/signin" in response.headers["Location"]
+    assert response.headers["Location"] == "/ui/signin?next=/ui/draw?job%3Dx"
 
 
 def test_sign_in_with_a_good_token_sets_a_locked_down_cookie(app: Flask, admin: Caller) -> None:

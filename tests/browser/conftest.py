@@ -62,10 +62,12 @@ class Console:
     errors: list[str] = field(default_factory=list)
 
     def on_console(self, message: ConsoleMessage) -> None:
+        """Keep console.error output (failed loads and CSP violations land here too)."""
         if message.type == "error":
             self.errors.append(f"console: {message.text} at {message.location}")
 
     def on_page_error(self, error: Error) -> None:
+        """Keep an uncaught exception."""
         self.errors.append(f"pageerror: {error.message}")
 
 
