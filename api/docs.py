@@ -36,8 +36,9 @@ details summary{cursor:pointer}
 {% for p in op.parameters %}<tr><td><code>{{ p.name }}</code></td><td>{{ p.in }}</td>
 <td>{{ "yes" if p.required else "no" }}</td><td>{{ p.description }}</td></tr>{% endfor %}
 </table>{% endif %}
-{% if op.requestBody %}<p>Body: <code>application/json</code>,
-{{ schema_name(op.requestBody.content["application/json"].schema) }}</p>{% endif %}
+{% if op.requestBody %}<p>Body: {% for media, c in op.requestBody.content.items() %}
+<code>{{ media }}</code> {{ schema_name(c.schema) }}{% if not loop.last %}, or {% endif %}
+{% endfor %}</p>{% endif %}
 <table><tr><th>status</th><th>meaning</th><th>body</th></tr>
 {% for code, r in op.responses.items() %}<tr><td>{{ code }}</td><td>{{ r.description }}</td>
 <td>{% for media, c in r.content.items() %}<code>{{ media }}</code>
