@@ -1,4 +1,4 @@
-"""A real stack (gunicorn API, Celery worker, Redis, PostgreSQL) and headless Chromium."""
+"""A real stack (gunicorn API, Celery workers, Redis, PostgreSQL) and headless Chromium."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Error, Page, sync_playwright
 
-from tests.integration.conftest import RedisServer, make_pg_database, pg_url, redis_server
-from tests.integration.stack import stack_env
-from tests.integration.test_worker import Stack
+from tests.integration.conftest import make_pg_database, pg_url, redis_server
+from tests.integration.test_worker import Stack, stack
 
-__all__ = ["make_pg_database", "pg_url", "redis_server"]  # fixtures shared with integration
+# The integration tests' fixtures: the API, workers, Redis and PostgreSQL the browser uses.
+__all__ = ["make_pg_database", "pg_url", "redis_server", "stack"]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -31,28 +31,6 @@ def browser() -> Iterator[Browser]:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
-
-
-@pytest.fixture(scope="module")
-def stack(
-    pg_url: str,
-    redis_server: RedisServer,
-    mnist_dir: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Stack]:
-    """The API and one cpu worker (epochs capped at 100 batches) on fresh services."""
-    var = tmp_path_factory.mktemp("var")
-    env = stack_env(
-        database_url=pg_url, broker_url=redis_server.url, var_dir=var, data_dir=mnist_dir
-    )
-    system = Stack(env, var)
-    system.api.start()
-    system.worker.start()
-    system.wait_live_workers(1)
-    yield system
-    for process in (system.worker, system.api.process):
-        process.kill()
-    system.engine.dispose()
 
 
 @dataclass
