@@ -214,10 +214,12 @@ class Watcher:
 
         p = job.progress
         if p.epoch != self.epoch or self.bar is None:
-            self.close()
+            self.close(finished=self.bar is not None)  # a new epoch: the last one is complete
             self.epoch = p.epoch
             desc = f"epoch {max(p.epoch, 1)}/{p.n_epochs}"
-            self.bar = tqdm(total=p.steps_per_epoch, desc=desc, unit="batch", file=sys.stderr)
+            # initial: a bar joined mid-epoch does not count the batches done as one burst.
+            self.bar = tqdm(total=p.steps_per_epoch, initial=min(p.step, p.steps_per_epoch),
+                            desc=desc, unit="batch", file=sys.stderr)  # fmt: skip
         self.bar.n = min(p.step, p.steps_per_epoch)
         self.bar.set_postfix_str(self._postfix(job), refresh=False)
         self.bar.refresh()
@@ -234,9 +236,12 @@ class Watcher:
             parts.append(f"ETA {_duration(p.eta_seconds)}")
         return " ".join(parts)
 
-    def close(self) -> None:
-        """Finish the current bar, if any."""
+    def close(self, *, finished: bool = False) -> None:
+        """Finish the current bar, if any; ``finished`` fills it first."""
         if self.bar is not None:
+            if finished:
+                self.bar.n = self.bar.total
+                self.bar.refresh()
             self.bar.close()
             self.bar = None
 
