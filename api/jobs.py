@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 
 
-def _publish(session: Session, job: Job) -> None:
+def publish_job(session: Session, job: Job) -> None:
     """Tell the workers; a broker outage leaves published_at NULL for the reaper to retry."""
     try:
         services().publish(job.id, job.queue)
@@ -71,7 +71,7 @@ def create() -> ResponseReturnValue:
         max_queued=services().settings.max_queued_jobs_per_user,
     )
     if created:
-        _publish(session, job)
+        publish_job(session, job)
     location = url_for("jobs.get", job_id=job.id)
     return job_json(session, job), 201 if created else 200, {"Location": location}
 
