@@ -7,7 +7,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 # One path part: starts with a letter, digit or underscore (so no "..", no hidden files),
 # then only characters that need no quoting in a URL or a shell.
@@ -62,19 +65,35 @@ def artifact_kind(name: str) -> str:
     return "log"
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+def checkpoint_name(epoch: int) -> str:
+    """The artifact name of the checkpoint written after ``epoch``."""
+    return f"checkpoints/epoch-{epoch}.pt"
+
+
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary file whose content replaces ``path`` whole when the block ends without error.
+
+    Written under a temp name in the same folder, fsynced, then renamed: a reader (the API
+    serving a download, a worker resuming) sees the old file or the new one, never half.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(data)
+            yield out
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    with atomic_writer(path) as out:
+        out.write(data)
 
 
 class ArtifactStore:

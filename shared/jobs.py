@@ -63,11 +63,6 @@ class InvalidJobRequest(ValueError):
         self.errors = [FieldError(loc, msg)]
 
 
-def checkpoint_name(epoch: int) -> str:
-    """The artifact name of the checkpoint written after ``epoch``."""
-    return f"checkpoints/epoch-{epoch}.pt"
-
-
 def request_digest(body: JobCreate) -> str:
     """sha256 of the validated request, the same for equal requests whatever their key order."""
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import lease as leases
-from shared.artifacts import ArtifactStore
+from shared.artifacts import ArtifactStore, checkpoint_name
 from shared.celery_app import TRAIN_TASK, publish_train
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
@@ -235,7 +235,7 @@ def load_spec(factory: sessionmaker[Session], job_id: str) -> JobSpec:
 
 def find_resume(store: ArtifactStore, job_id: str, spec: JobSpec) -> Checkpoint | None:
     """The job's own newest checkpoint (a requeued job), else the one it was asked to resume."""
-    from worker.training.checkpoints import checkpoint_name, latest_checkpoint, load_checkpoint
+    from worker.training.checkpoints import latest_checkpoint, load_checkpoint
 
     own = latest_checkpoint(store.job_dir(job_id))
     if own is not None:

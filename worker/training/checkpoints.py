@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from shared.artifacts import atomic_writer, checkpoint_name
 from worker.training.metrics import MetricPoint
 
 CHECKPOINT_DIR = "checkpoints"
@@ -52,24 +51,10 @@ class Checkpoint:
         }
 
 
-def checkpoint_name(epoch: int) -> str:
-    """Artifact name of an epoch's checkpoint, relative to the run folder."""
-    return f"{CHECKPOINT_DIR}/epoch-{epoch}.pt"
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` that readers see whole or not at all."""
+    with atomic_writer(path) as out:
+        torch.save(obj, out)
 
 
 def save_checkpoint(checkpoint: Checkpoint, out_dir: Path) -> Path:

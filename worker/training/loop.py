@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.artifacts import write_bytes_atomic
 from shared.schemas import Hyperparameters
 from worker.training import plots
 from worker.training.checkpoints import (
@@ -308,10 +309,8 @@ def _write(
 
 
 def _write_json(data: dict[str, Any], path: Path) -> None:
-    """JSON to a temp file, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    """JSON that readers see whole or not at all."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def fit(

@@ -9,6 +9,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from shared.artifacts import atomic_writer
 from worker.training.data import MnistSplit
 from worker.training.metrics import MetricPoint
 
@@ -17,11 +18,9 @@ ROWS, COLS = 3, 4
 
 def _save(fig: Figure, path: Path) -> None:
     """Render to PNG under a temp name, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
+    with atomic_writer(path) as out:
+        fig.savefig(out, format="png", dpi=100)
 
 
 def _image_grid(images: torch.Tensor, titles: Sequence[str], colors: Sequence[str]) -> Figure:
