@@ -135,14 +135,21 @@ def api_command(host: str, port: int, workers: int) -> None:
     "--queues", "-Q", default=DEFAULT_WORKER_QUEUES, show_default=True,
     help="comma-separated queues: cpu, gpu, maintenance (GPU machines serve gpu)",
 )  # fmt: skip
-@click.option("--concurrency", "-c", default=1, show_default=True, help="jobs at once")
+@click.option(
+    "--concurrency", "-c", type=click.IntRange(min=1), default=None,
+    help="jobs at once  [default: one per usable core when serving cpu, else 1]",
+)  # fmt: skip
 @click.option("--beat", is_flag=True, help="also schedule the reaper (one per deployment)")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker_command(queues: str, concurrency: int, beat: bool, loglevel: str) -> None:
+def worker_command(queues: str, concurrency: int | None, beat: bool, loglevel: str) -> None:
     """Run a Celery worker: one job per child process, fresh child for every job."""
-    from shared.config import get_settings
+    from shared.config import get_settings, usable_cores
     from worker.celery_main import app
 
+    if concurrency is None:
+        # One single-thread job per core gives the most jobs per hour on CPUs; a GPU is
+        # shared best by one job at a time.
+        concurrency = usable_cores() if "cpu" in queues.split(",") else 1
     argv = ["worker", "--queues", queues, "--concurrency", str(concurrency)]
     # A new process per job: memory (and CUDA state) of one job never leaks into the next.
     argv += ["--loglevel", loglevel, "--prefetch-multiplier", "1", "--max-tasks-per-child", "1"]

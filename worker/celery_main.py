@@ -46,10 +46,17 @@ def _remember_controller(sender: Any = None, **_: Any) -> None:
     _controller[:] = [sender]
 
 
+def _concurrency() -> int:
+    """How many jobs this worker runs at once (its pool's size)."""
+    controller = _controller[0] if _controller else None
+    return int(getattr(controller, "concurrency", 0) or 1)
+
+
 @worker_process_init.connect
 def _child_started(**_: Any) -> None:
-    """In each pool child: fresh DB connections; ignore hand-back requests while idle."""
+    """In each pool child: fresh DB connections, its share of the cores, no early hand-back."""
     context.after_fork()
+    context.threads = settings.threads_per_job(_concurrency())
     registry.after_fork()
     SHUTDOWN.clear()
     # Ignored, not handled, here: billiard installs its exit handler after this hook on
@@ -60,9 +67,7 @@ def _child_started(**_: Any) -> None:
 @worker_ready.connect
 def _register(sender: Any = None, **_: Any) -> None:
     """Tell the registry (and so the API) this worker is alive and which queues it serves."""
-    controller = _controller[0] if _controller else None
-    concurrency = int(getattr(controller, "concurrency", 0) or 1)
-    registry.start(sender.hostname, app.amqp.queues.consume_from.keys(), concurrency)
+    registry.start(sender.hostname, app.amqp.queues.consume_from.keys(), _concurrency())
 
 
 @task_prerun.connect

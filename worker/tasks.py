@@ -63,6 +63,7 @@ class WorkerContext:
     settings: Settings
     publish: Callable[[str, str], None]
     hostname: str = field(default_factory=socket.gethostname)
+    threads: int = 0  # torch threads per job, set in each pool child; 0 = all usable cores
     _engine: Engine | None = None
     _factory: sessionmaker[Session] | None = None
 
@@ -286,7 +287,7 @@ def _train(ctx: WorkerContext, lease: Lease, flags: StopFlags) -> str:
     from worker.training.loop import fit
 
     factory, settings = ctx.session_factory, ctx.settings
-    configure_threads(settings.train_threads)
+    configure_threads(ctx.threads or settings.train_threads)
     spec = load_spec(factory, lease.job_id)
     try:
         device = resolve_device(spec.device)

@@ -89,8 +89,8 @@ def server(
         database_url=make_pg_database(), broker_url=broker, var_dir=var, data_dir=mnist_dir
     )
     api = Api(env, var / "api.log").start()
-    worker = Process(["worker", "--queues", "cpu", "--loglevel", "WARNING"], env,
-                     var / "worker.log").start()  # fmt: skip
+    args = ["worker", "--queues", "cpu", "--concurrency", "1", "--loglevel", "WARNING"]
+    worker = Process(args, env, var / "worker.log").start()
     token = str(api.http.headers["Authorization"]).removeprefix("Bearer ")
     yield Server(api, worker, Client(api.base, token), var)
     for process in (worker, api.process):

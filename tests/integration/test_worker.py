@@ -61,7 +61,9 @@ class Stack:
 
     def new_worker(self, log: str = "worker.log") -> Process:
         """A cpu worker process (not started)."""
-        return Process(["worker", "--queues", "cpu"], self.env, self.logs / log)
+        return Process(
+            ["worker", "--queues", "cpu", "--concurrency", "1"], self.env, self.logs / log
+        )
 
     def extra_worker(self) -> Process:
         """Another cpu worker with a log of its own (not started)."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from shared.config import usable_cores
 
 
 class DeviceUnavailable(Exception):
@@ -22,11 +22,6 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "cpu":
         return torch.device("cpu")
     raise DeviceUnavailable(f"unknown device {requested!r}; use auto, cpu or cuda")
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's total)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def configure_threads(n: int) -> int:
