@@ -100,7 +100,9 @@ class ArtifactStore:
     """Files of each job under ``root/<job_id>/``; every name is checked to stay inside."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        # Absolute from the start: a relative root (the embedded default var/artifacts)
+        # would otherwise be read against whatever folder a library resolves it from.
+        self.root = Path(root).absolute()
 
     def _job_root(self, job_id: str) -> Path:
         return self.root / validate_job_id(job_id)
