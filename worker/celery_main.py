@@ -33,6 +33,8 @@ HAND_BACK_SIGNAL = signal.SIGUSR2
 
 settings = Settings()
 app = make_celery(settings)
+# Celery's prefork pool, replacing the child that ran a job without a 5 s wait.
+app.conf.worker_pool = "worker.pool:JobPool"
 context = make_context(settings, app)
 register_tasks(app, context)
 registry = RegistryBeat(settings)
