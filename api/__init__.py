@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 from flask import Flask
 
 from api.extensions import Publish, Services
 from shared.artifacts import ArtifactStore
-from shared.celery_app import make_celery, publish_train
+from shared.celery_app import celery_publisher
 from shared.config import Settings, get_settings
-
-
-def celery_publisher(settings: Settings) -> Publish:
-    """publish(job_id, queue) through a Celery app for ``settings`` (send_task by name)."""
-    return functools.partial(publish_train, make_celery(settings))
 
 
 def create_app(settings: Settings | None = None, *, publish: Publish | None = None) -> Flask:

@@ -98,13 +98,12 @@ def _stop_worker_process(worker: subprocess.Popen[bytes]) -> None:
 
 
 def _reap_forever(settings: Settings, stop: threading.Event) -> None:
-    from shared.celery_app import make_celery, publish_train
+    from shared.celery_app import celery_publisher
     from shared.db import make_engine, make_session_factory
     from worker.reaper import run_reaper
 
-    celery = make_celery(settings)
     factory = make_session_factory(make_engine(settings.database_url))
-    run_reaper(settings, factory, lambda job_id, queue: publish_train(celery, job_id, queue), stop)
+    run_reaper(settings, factory, celery_publisher(settings), stop)
 
 
 def _serve_api(settings: Settings, host: str, port: int) -> None:
@@ -113,7 +112,8 @@ def _serve_api(settings: Settings, host: str, port: int) -> None:
     from api import create_app
 
     server = make_server(host, port, create_app(settings), threaded=True)
-    click.echo(f"mnistq: API on http://{host}:{server.port}/api/v1 (Ctrl-C stops)", err=True)
+    base = f"http://{host}:{server.port}"
+    click.echo(f"mnistq: dashboard on {base}/, API on {base}/api/v1 (Ctrl-C stops)", err=True)
     server.serve_forever()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -110,3 +112,8 @@ def publish_train(app: Celery, job_id: str, queue: str) -> None:
         )
     except (OperationalError, OSError) as exc:
         raise BrokerUnavailable(str(exc)) from exc
+
+
+def celery_publisher(settings: Settings) -> Callable[[str, str], None]:
+    """publish(job_id, queue) through a Celery app built for ``settings`` (send_task by name)."""
+    return functools.partial(publish_train, make_celery(settings))

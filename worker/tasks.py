@@ -8,6 +8,7 @@ away) leaves the lease to expire and the reaper requeues the job.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import socket
@@ -367,4 +368,4 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
 
 def make_context(settings: Settings, app: Celery) -> WorkerContext:
     """The context of a worker process publishing through ``app``."""
-    return WorkerContext(settings, lambda job_id, queue: publish_train(app, job_id, queue))
+    return WorkerContext(settings, functools.partial(publish_train, app))
