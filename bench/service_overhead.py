@@ -126,7 +126,7 @@ def measure_latency(base: str, samples: int) -> list[float]:
         latencies.append(time.perf_counter() - t0)
         HTTP.post(f"{base}/api/v1/jobs/{job_id}/cancel", timeout=10)
         poll_until(base, job_id, {"cancelled", "succeeded", "failed"}, interval=0.05)
-        time.sleep(3.0)  # the next pool child is up and warmed: an idle worker
+        time.sleep(1.0)  # let the next worker child come up: "idle worker"
     return latencies
 
 

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import signal
-import threading
 from typing import Any
 
 from celery.signals import (
@@ -21,15 +20,12 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from shared.celery_app import CPU_QUEUE, GPU_QUEUE, make_celery
+from shared.celery_app import make_celery
 from shared.config import Settings
 from worker.registry import RegistryBeat
-from worker.tasks import SHUTDOWN, make_context, register_tasks, warm_up
+from worker.tasks import SHUTDOWN, make_context, register_tasks
 
 logger = logging.getLogger(__name__)
-
-# Queues whose children train, and so warm up while idle (not the reaper's maintenance).
-TRAINING_QUEUES = {CPU_QUEUE, GPU_QUEUE}
 
 # Sent by the parent to its pool children when the worker shuts down.
 HAND_BACK_SIGNAL = signal.SIGUSR2
@@ -64,8 +60,6 @@ def _child_started(**_: Any) -> None:
     context.after_fork()
     context.threads = settings.threads_per_job(_concurrency())
     registry.after_fork()
-    if TRAINING_QUEUES & set(app.amqp.queues.consume_from):
-        threading.Thread(target=warm_up, args=(context,), name="warm-up", daemon=True).start()
     SHUTDOWN.clear()
     # Ignored, not handled, here: billiard installs its exit handler after this hook on
     # every signal that is neither ignored nor default-less, so an idle child would die.

@@ -282,22 +282,6 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
             return "failed"
 
 
-def warm_up(ctx: WorkerContext) -> None:
-    """Import torch and read MNIST now, while this pool child waits for its job."""
-    # Each job gets a fresh child (--max-tasks-per-child 1); doing the slow start-up while
-    # idle keeps it out of the job's wall time. A failure here is only logged: the job
-    # itself reads the data again and fails with the reason.
-    try:
-        from worker.training.data import load_split
-        from worker.training.devices import configure_threads
-
-        configure_threads(ctx.threads or ctx.settings.train_threads)
-        for train in (True, False):
-            load_split(ctx.settings.data_dir, train=train, download=ctx.settings.download_mnist)
-    except Exception:
-        logger.warning("warming up this worker process failed", exc_info=True)
-
-
 def _train(ctx: WorkerContext, lease: Lease, flags: StopFlags) -> str:
     from worker.training.data import load_split
     from worker.training.devices import DeviceUnavailable, configure_threads, resolve_device

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,6 @@ MEAN = 0.1307
 STD = 0.3081
 
 _cache: dict[tuple[Path, bool], MnistSplit] = {}
-_cache_lock = threading.Lock()  # a worker warms the cache in a thread while a job may start
 _device_cache: dict[tuple[int, str], MnistSplit] = {}
 
 
@@ -60,10 +58,9 @@ def normalize(raw: torch.Tensor) -> torch.Tensor:
 def load_split(data_dir: Path, *, train: bool, download: bool = True) -> MnistSplit:
     """The train or test split from a torchvision MNIST root, read once per process."""
     key = (Path(data_dir).resolve(), train)
-    with _cache_lock:
-        if key not in _cache:
-            _cache[key] = _read_split(key[0], train=train, download=download)
-        return _cache[key]
+    if key not in _cache:
+        _cache[key] = _read_split(key[0], train=train, download=download)
+    return _cache[key]
 
 
 def _read_split(root: Path, *, train: bool, download: bool) -> MnistSplit:
