@@ -134,6 +134,8 @@ def job_out(
         attempt=job.attempt,
         worker=job.worker_hostname,
         cancel_requested=job.cancel_requested,
+        sweep_id=job.sweep_id,
+        trial_number=job.trial_number,
         created_at=utc(job.created_at),
         queued_at=utc(job.queued_at),
         published_at=utc(job.published_at),

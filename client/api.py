@@ -9,7 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import requests
 from pydantic import BaseModel
@@ -20,6 +20,7 @@ from shared.schemas import (
     ArtifactOut,
     JobOut,
     JobPageOut,
+    JobStatusName,
     MetricsOut,
     PredictionOut,
 )
@@ -27,7 +28,7 @@ from shared.schemas import (
 M = TypeVar("M", bound=BaseModel)
 Job = JobOut
 Prediction = PredictionOut
-FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+FINISHED = frozenset(get_args(JobStatusName)) - {"queued", "running"}
 TIMEOUT_SECONDS = 30.0
 CHUNK = 1 << 20
 # (artifact name, bytes written so far, total bytes) while a file downloads.

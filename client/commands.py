@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import click
 
@@ -21,6 +21,7 @@ from client.api import (
 )
 from client.hyperparameters import hyperparameter_options, hyperparameters_from_flags
 from shared.config import Settings, get_settings
+from shared.schemas import JobStatusName
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Exit statuses of `watch` (and `submit --watch`) beyond click's 1 (error) and 2 (usage).
@@ -120,7 +121,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 @click.command("list")
 @click.option("--status", "statuses", multiple=True,
-              type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]),
+              type=click.Choice(get_args(JobStatusName)),
               help="only jobs in this state (repeat for several)")  # fmt: skip
 @click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True,
               help="how many jobs, newest first")  # fmt: skip

@@ -113,7 +113,7 @@ def create_job(
     resume_epoch = _resume_epoch(session, body, None if sees_all else owner_id)
     if max_queued is not None and owner_id is not None:
         _check_queue_room(session, owner_id, max_queued)
-    job = _new_job(body, resume_epoch, key, digest)
+    job = new_job(body, resume_epoch, key, digest)
     job.owner_id = owner_id
     session.add(job)
     try:
@@ -128,7 +128,10 @@ def create_job(
     return job, True
 
 
-def _new_job(body: JobCreate, resume_epoch: int | None, key: str | None, digest: str) -> Job:
+def new_job(
+    body: JobCreate, resume_epoch: int | None = None, key: str | None = None, digest: str = ""
+) -> Job:
+    """The queued row of a validated request, not yet added (sweep trials are made by it too)."""
     hp = body.hyperparameters
     return Job(
         name=body.name,
@@ -140,7 +143,7 @@ def _new_job(body: JobCreate, resume_epoch: int | None, key: str | None, digest:
         resume_from_job_id=body.resume_from.job_id if body.resume_from else None,
         resume_from_epoch=resume_epoch,
         idempotency_key=key,
-        request_hash=digest,
+        request_hash=digest or request_digest(body),
     )
 
 

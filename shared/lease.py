@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -42,15 +42,16 @@ class Lease:
 
 @dataclass(frozen=True)
 class HeartbeatResult:
-    """What a heartbeat learnt: the lease is gone, or the user asked to cancel."""
+    """What a heartbeat learnt: the lease is gone, the user asked to cancel, or a sweep to prune."""
 
     lost: bool
     cancel_requested: bool
+    prune_requested: bool = False
 
     @property
     def ok(self) -> bool:
         """True when the job should keep running."""
-        return not (self.lost or self.cancel_requested)
+        return not (self.lost or self.cancel_requested or self.prune_requested)
 
 
 @dataclass(frozen=True)
@@ -146,16 +147,18 @@ def heartbeat(
     """Renew the lease; say whether it was lost or cancellation was requested."""
     now = utcnow()
     with transaction(session_factory) as session:
-        cancel = session.scalar(
+        flags = session.execute(
             update(Job)
             .where(_mine(lease), Job.status == JobStatus.RUNNING)
             .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now)
-            .returning(Job.cancel_requested),
+            .returning(Job.cancel_requested, Job.prune_requested),
             execution_options={"synchronize_session": False},
-        )
-    if cancel is None:
+        ).one_or_none()
+    if flags is None:
         return HeartbeatResult(lost=True, cancel_requested=False)
-    return HeartbeatResult(lost=False, cancel_requested=bool(cancel))
+    return HeartbeatResult(
+        lost=False, cancel_requested=bool(flags[0]), prune_requested=bool(flags[1])
+    )
 
 
 def record_start(session_factory: SessionFactory, lease: Lease, *, device_used: str) -> bool:
@@ -250,7 +253,7 @@ def finish(
     error_traceback: str | None = None,
     metrics: Sequence[MetricRecord] = (),
 ) -> bool:
-    """End the job (succeeded | failed | cancelled) with its last metrics; False when fenced."""
+    """End the job in an end state with its last metrics; False when fenced out."""
     if not status.finished:
         raise ValueError(f"finish() needs an end state, not {status!r}")
     values: dict[str, object] = {
@@ -307,6 +310,7 @@ class Expired:
     requeued: list[str]
     failed: list[str]
     cancelled: list[str]
+    pruned: list[str] = field(default_factory=list)
 
 
 def requeue_expired(session_factory: SessionFactory, *, max_attempts: int) -> Expired:
@@ -314,27 +318,30 @@ def requeue_expired(session_factory: SessionFactory, *, max_attempts: int) -> Ex
     now = utcnow()
     with transaction(session_factory) as session:
         rows = session.execute(
-            select(Job.id, Job.lease_token, Job.attempt, Job.cancel_requested).where(
-                Job.status == JobStatus.RUNNING, Job.lease_expires_at < now
-            )
+            select(
+                Job.id, Job.lease_token, Job.attempt, Job.cancel_requested, Job.prune_requested
+            ).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
         ).all()
     done = Expired([], [], [])
-    for job_id, token, attempt, cancel in rows:
-        outcome, values = _expiry_outcome(attempt, cancel, max_attempts, now)
+    for job_id, token, attempt, cancel, prune in rows:
+        outcome, values = _expiry_outcome(attempt, cancel, max_attempts, now, prune=prune)
         if _take_expired(session_factory, job_id, token, now, values):
-            {"queued": done.requeued, "failed": done.failed, "cancelled": done.cancelled}[
-                outcome
-            ].append(job_id)
+            {
+                "queued": done.requeued, "failed": done.failed,
+                "cancelled": done.cancelled, "pruned": done.pruned,
+            }[outcome].append(job_id)  # fmt: skip
             logger.warning("job %s: lease expired on attempt %d → %s", job_id, attempt, outcome)
     return done
 
 
 def _expiry_outcome(
-    attempt: int, cancel: bool, max_attempts: int, now: datetime
+    attempt: int, cancel: bool, max_attempts: int, now: datetime, *, prune: bool = False
 ) -> tuple[str, dict[str, object]]:
     ended = {"lease_token": None, "lease_expires_at": None, "finished_at": now}
     if cancel:
         return "cancelled", {"status": JobStatus.CANCELLED, **ended}
+    if prune:  # a sweep trial its controller stopped: it was not going to go on anyway
+        return "pruned", {"status": JobStatus.PRUNED, **ended}
     if attempt >= max_attempts:
         message = (
             f"the worker running this job stopped responding {attempt} times "

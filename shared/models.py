@@ -1,4 +1,7 @@
-"""ORM models: the job row is the truth about a job; metrics and artifacts hang off it."""
+"""ORM models: the job row is the truth about a job; metrics and artifacts hang off it.
+
+A sweep is a row too: its trials are ordinary jobs carrying ``sweep_id`` and ``trial_number``.
+"""
 
 from __future__ import annotations
 
@@ -33,18 +36,29 @@ def new_job_id() -> str:
 
 
 class JobStatus(enum.StrEnum):
-    """Where a job is in its life: queued → running → succeeded | failed | cancelled."""
+    """Where a job is in its life: queued → running → succeeded | failed | cancelled | pruned."""
 
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # A sweep trial its controller stopped early (ASHA, median): it keeps its checkpoints.
+    PRUNED = "pruned"
 
     @property
     def finished(self) -> bool:
-        """True for the three end states, which never change again."""
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+        """True for the end states, which never change again."""
+        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class SweepStatus(enum.StrEnum):
+    """Where a sweep is: running → completed | failed | cancelled."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 # Named constraints let Alembic alter them later, SQLite batch mode included.
@@ -72,6 +86,8 @@ class Job(Base):
         Index("ix_job_status_created", "status", "created_at"),
         # The job list pages newest first on (created_at, id).
         Index("ix_job_created_id", "created_at", "id"),
+        # One job per trial number of a sweep, whatever controllers race (NULLs are distinct).
+        Index("ux_job_sweep_trial", "sweep_id", "trial_number", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
@@ -95,6 +111,12 @@ class Job(Base):
     lease_token: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None]
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    # Set by a sweep's controller: the running trial stops at its next heartbeat, ``pruned``.
+    prune_requested: Mapped[bool] = mapped_column(default=False)
+
+    # A trial of a sweep: which one, and its number within it (0, 1, ...).
+    sweep_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("sweep.id"), index=True)
+    trial_number: Mapped[int | None]
 
     # Continued training from another job's checkpoint.
     resume_from_job_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("job.id"))
@@ -210,3 +232,33 @@ class Worker(Base):
     heartbeat_seconds: Mapped[float] = mapped_column(Float)  # liveness is judged by its own beat
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Sweep(Base):
+    """A hyperparameter search: its request, budget, state and the lease of its controller."""
+
+    __tablename__ = "sweep"
+    __table_args__ = (Index("ix_sweep_created_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default=SweepStatus.RUNNING, index=True)
+    method: Mapped[str] = mapped_column(String(16))  # grid | random | tpe
+    # The validated request (parameters, metric, base, budget, early_terminate, seed).
+    spec: Mapped[dict[str, Any]]
+    # The budget as resolved at creation: a grid's max_trials is its size.
+    max_trials: Mapped[int]
+    max_concurrent: Mapped[int]
+    max_failed: Mapped[int]
+    owner_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("user_account.id"), index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+
+    # Lease of the one controller acting on the sweep now (renewed at each of its passes).
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None]
+    controller: Mapped[str | None] = mapped_column(String(255))  # hostname:pid, for people
+
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]

@@ -44,7 +44,7 @@ class Hyperparameters(BaseModel):
 
 # --- HTTP request and response bodies (the OpenAPI document is generated from these) -------
 
-JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled", "pruned"]
 ArtifactKind = Literal["checkpoint", "model", "plot", "log"]
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -217,6 +217,8 @@ class JobOut(BaseModel):
     attempt: int
     worker: str | None
     cancel_requested: bool
+    sweep_id: str | None = Field(None, description="the sweep this job is a trial of")
+    trial_number: int | None = Field(None, description="its number within that sweep")
     created_at: datetime
     queued_at: datetime | None
     published_at: datetime | None
