@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
         openapi,
         predict,
         security,
+        sweeps,
         users,
     )
 
@@ -44,6 +45,16 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     limits.init_app(app, settings)
     security.init_app(app, settings)
     dashboard.init_app(app, settings)
-    for blueprint in (jobs.bp, artifacts.bp, health.bp, users.bp, openapi.bp, docs.bp, predict.bp):
+    blueprints = (
+        jobs.bp,
+        sweeps.bp,
+        artifacts.bp,
+        health.bp,
+        users.bp,
+        openapi.bp,
+        docs.bp,
+        predict.bp,
+    )
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     return app

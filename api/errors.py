@@ -27,6 +27,7 @@ from shared.jobs import (
     JobNotFound,
     TooManyQueuedJobs,
 )
+from shared.sweeps import SweepConflict, SweepKeyReused, SweepNotFound
 
 logger = logging.getLogger(__name__)
 QUEUE_FULL_RETRY_SECONDS = 30  # a guess at when a queued job will have started
@@ -147,6 +148,9 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(InvalidArtifactName, _simple(400, "invalid_artifact_name"))
     app.register_error_handler(JobConflict, _simple(409, "job_state_conflict"))
     app.register_error_handler(IdempotencyKeyReused, _simple(422, "idempotency_key_reused"))
+    app.register_error_handler(SweepKeyReused, _simple(422, "idempotency_key_reused"))
+    app.register_error_handler(SweepNotFound, _simple(404, "sweep_not_found"))
+    app.register_error_handler(SweepConflict, _simple(409, "sweep_state_conflict"))
     app.register_error_handler(TooManyQueuedJobs, _queue_full)
     app.register_error_handler(InvalidJobRequest, _invalid_request)
     app.register_error_handler(InvalidCursor, _invalid_cursor)

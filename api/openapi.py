@@ -25,8 +25,8 @@ ERROR_TEXT = {
     400: "malformed request",
     401: "no token, a malformed Authorization header, or an unknown or revoked token",
     403: "the token's user may not do this",
-    404: "no such job or artifact",
-    409: "the job's state does not allow this",
+    404: "no such job, sweep or artifact",
+    409: "the job's or sweep's state does not allow this",
     413: "request body too large",
     415: "unsupported media type",
     422: "invalid fields, each named in details",
@@ -47,10 +47,11 @@ SECURITY_SCHEME = {
 }
 PATH_PARAMETERS: dict[str, dict[str, Any]] = {
     "job_id": {"type": "string", "maxLength": 64},
+    "sweep_id": {"type": "string", "maxLength": 64},
     "name": {"type": "string", "maxLength": 255},
 }
 RESPONSE_HEADERS = {
-    201: ("Location", "the URL of the new job"),
+    201: ("Location", "the URL of the new job or sweep"),
     401: ("WWW-Authenticate", 'Bearer realm="mnistq", with error="invalid_token" for bad tokens'),
     429: ("Retry-After", "seconds until a submission may succeed"),
 }

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from shared.jobs import artifacts_of, epoch_results
-from shared.models import Artifact, Job, JobStatus, Metric
+from shared.models import Artifact, Job, JobStatus, Metric, Sweep, SweepStatus
 from shared.schemas import (
     ArtifactOut,
     JobErrorOut,
@@ -22,6 +22,25 @@ from shared.schemas import (
     QueueStatusOut,
     ResumeFromOut,
     TestMetricOut,
+)
+from shared.sweep_schemas import (
+    SweepBestOut,
+    SweepBudgetOut,
+    SweepLinksOut,
+    SweepMetric,
+    SweepOut,
+    TrialCountsOut,
+    TrialListOut,
+    TrialOut,
+)
+from shared.sweeps import (
+    best_trial,
+    counts,
+    ranked,
+    trial_params,
+    trial_value,
+    trials_by_sweep,
+    trials_of,
 )
 from shared.workers import queue_status
 
@@ -180,3 +199,69 @@ def queue_status_out(session: Session, jobs: Sequence[Job]) -> dict[str, QueueSt
 def job_json(session: Session, job: Job) -> dict[str, Any]:
     """One job as JSON."""
     return jobs_json(session, [job])[0]
+
+
+def sweep_out(sweep: Sweep, trials: Sequence[Job]) -> SweepOut:
+    """A sweep row with its trial counts and best trial as the API shows it."""
+    spec = sweep.spec
+    best = best_trial(sweep, trials)
+    return SweepOut(
+        id=sweep.id,
+        name=sweep.name,
+        status=SweepStatus(sweep.status).value,
+        method=sweep.method,
+        metric=SweepMetric.model_validate(spec["metric"]),
+        parameters=spec["parameters"],
+        base=spec["base"],
+        budget=SweepBudgetOut(
+            max_trials=sweep.max_trials,
+            max_concurrent=sweep.max_concurrent,
+            max_failed=sweep.max_failed,
+        ),
+        early_terminate=spec.get("early_terminate"),
+        seed=spec["seed"],
+        trials=len(trials),
+        counts=TrialCountsOut.model_validate(counts(trials)),
+        best=None
+        if best is None
+        else SweepBestOut(
+            job_id=best.job.id,
+            trial_number=best.job.trial_number or 0,
+            value=best.value,
+            hyperparameters=best.job.hyperparameters,
+        ),
+        error=sweep.error_message,
+        controller=sweep.controller if sweep.status == SweepStatus.RUNNING else None,
+        created_at=utc(sweep.created_at),
+        finished_at=utc(sweep.finished_at),
+        links=SweepLinksOut.model_validate(
+            {
+                "self": url_for("sweeps.get", sweep_id=sweep.id),
+                "trials": url_for("sweeps.trials", sweep_id=sweep.id),
+                "cancel": url_for("sweeps.cancel", sweep_id=sweep.id),
+            }
+        ),
+    )
+
+
+def sweeps_json(session: Session, sweeps: Sequence[Sweep]) -> list[dict[str, Any]]:
+    """Sweeps as JSON, their trials loaded in one query."""
+    trials = trials_by_sweep(session, [sweep.id for sweep in sweeps])
+    return [dump(sweep_out(sweep, trials[sweep.id])) for sweep in sweeps]
+
+
+def trials_json(session: Session, sweep: Sweep) -> dict[str, Any]:
+    """A sweep's trials, best first, each with its job as /jobs shows it."""
+    jobs = ranked(sweep, trials_of(session, sweep.id))
+    tests = epoch_results(session, [job.id for job in jobs])
+    items = [
+        TrialOut(
+            trial_number=job.trial_number or 0,
+            params=trial_params(sweep, job),
+            value=trial_value(sweep, job),
+            epochs_trained=len(tests[job.id]),
+            job=JobOut.model_validate(data),
+        )
+        for job, data in zip(jobs, jobs_json(session, jobs), strict=True)
+    ]
+    return dump(TrialListOut(sweep_id=sweep.id, items=items))

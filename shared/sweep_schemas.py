@@ -6,6 +6,7 @@ only says what a well-formed request looks like.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 
@@ -68,13 +69,19 @@ class ParameterSpec(BaseModel):
             return list(self.values or [])
         if kind in ("int_uniform", "q_uniform") and self.min is not None and self.max is not None:
             step = self.q or 1
-            count = int((self.max - self.min) // step) + 1
+            count = steps(self.min, self.max, step) + 1
             if count > MAX_TRIALS:
                 return None
             points = [self.min + i * step for i in range(count)]
             # Rounded so 0.1 + 2 * 0.1 is 0.3, as a person reading the grid expects.
             return [int(p) if kind == "int_uniform" else round(p, 12) for p in points]
         return None
+
+
+def steps(low: float, high: float, q: float) -> int:
+    """Whole steps of ``q`` from ``low`` that stay within ``high`` (0.01..0.03 by 0.01: 2)."""
+    # The epsilon absorbs binary fractions: (0.03 - 0.01) / 0.01 is 1.9999999999999998.
+    return int(math.floor((high - low) / q + 1e-9))
 
 
 def _distribution(spec: ParameterSpec) -> Distribution:

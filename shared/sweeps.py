@@ -176,7 +176,7 @@ def create_sweep(
         name=body.name,
         status=SweepStatus.RUNNING,
         method=body.method,
-        spec=body.model_dump(mode="json", exclude={"name", "method"}),
+        spec=body.model_dump(mode="json", exclude={"name", "method"}, exclude_none=True),
         max_trials=max_trials,
         max_concurrent=body.budget.max_concurrent,
         max_failed=body.budget.max_failed,
@@ -283,6 +283,17 @@ def trials_of(session: Session, sweep_id: str) -> list[Job]:
 def searched(spec: dict[str, Any]) -> list[str]:
     """The names of a stored sweep's parameters that vary (constants left out)."""
     return [n for n, raw in spec["parameters"].items() if raw.get("distribution") != "constant"]
+
+
+def trials_by_sweep(session: Session, sweep_ids: Sequence[str]) -> dict[str, list[Job]]:
+    """The trial jobs of each sweep, by trial number, in one query."""
+    found: dict[str, list[Job]] = {sweep_id: [] for sweep_id in sweep_ids}
+    if not sweep_ids:
+        return found
+    stmt = select(Job).where(Job.sweep_id.in_(sweep_ids)).order_by(Job.trial_number)
+    for job in session.scalars(stmt):
+        found[job.sweep_id or ""].append(job)
+    return found
 
 
 def trial_params(sweep: Sweep, job: Job) -> dict[str, Any]:

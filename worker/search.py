@@ -25,7 +25,7 @@ from optuna.distributions import (
 from optuna.trial import Trial, TrialState
 
 from shared.models import JobStatus
-from shared.sweep_schemas import ParameterSpec
+from shared.sweep_schemas import ParameterSpec, steps
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def distribution(spec: ParameterSpec, grid: bool) -> BaseDistribution:
     step = float(spec.q) if spec.q is not None else None
     # Optuna wants max - min to be a multiple of the step; the top step is dropped otherwise.
     if step is not None:
-        high = low + step * int((high - low) // step)
+        high = low + step * steps(low, high, step)
     return FloatDistribution(float(low), float(high), step=step)
 
 
