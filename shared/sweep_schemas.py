@@ -81,7 +81,7 @@ class ParameterSpec(BaseModel):
 def steps(low: float, high: float, q: float) -> int:
     """Whole steps of ``q`` from ``low`` that stay within ``high`` (0.01..0.03 by 0.01: 2)."""
     # The epsilon absorbs binary fractions: (0.03 - 0.01) / 0.01 is 1.9999999999999998.
-    return int(math.floor((high - low) / q + 1e-9))
+    return math.floor((high - low) / q + 1e-9)
 
 
 def _distribution(spec: ParameterSpec) -> Distribution:
