@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
 from worker.reaper import reap_once
+from worker.sweeper import control_sweeps
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,9 @@ def reap(settings: Settings, factory: sessionmaker[Session], publish: Publish) -
     reap_once(settings, factory, publish)
 
 
-# Every pass runs these in order; a failing duty never stops the others.
-DUTIES: tuple[Duty, ...] = (reap,)
+# Every pass runs these in order; a failing duty never stops the others. The reaper goes
+# first: a sweep's controller then counts trials whose worker died as queued again.
+DUTIES: tuple[Duty, ...] = (reap, control_sweeps)
 
 
 def run_pass(

@@ -15,6 +15,7 @@ import secrets
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
@@ -28,7 +29,9 @@ from shared.models import Job, JobStatus, Metric, Sweep, SweepStatus
 from shared.schemas import Hyperparameters, JobCreate
 from shared.sweep_lease import SweepLease
 from shared.sweeps import epoch_value, trial_params, trial_value, trials_of
-from worker.search import Search, SearchSpec, TrialRecord
+
+if TYPE_CHECKING:  # Optuna is imported on the first pass that has a sweep to control
+    from worker.search import TrialRecord
 
 logger = logging.getLogger(__name__)
 Publish = Callable[[str, str], None]
@@ -46,9 +49,12 @@ def controller_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def control_sweeps(
-    settings: Settings, factory: sessionmaker[Session], publish: Publish
-) -> list[str]:
+def control_sweeps(settings: Settings, factory: sessionmaker[Session], publish: Publish) -> None:
+    """The duty: one pass of the controller over every running sweep (see worker.maintenance)."""
+    control_all(settings, factory, publish)
+
+
+def control_all(settings: Settings, factory: sessionmaker[Session], publish: Publish) -> list[str]:
     """One pass over every running sweep; returns the ids this process controlled."""
     controlled = []
     for sweep_id in sweep_lease.running_sweeps(factory):
@@ -112,6 +118,8 @@ def read(factory: sessionmaker[Session], sweep_id: str) -> Snapshot:
 
 def record(sweep: Sweep, job: Job, tests: Sequence[Metric]) -> TrialRecord:
     """The study's view of one trial job."""
+    from worker.search import TrialRecord
+
     epochs = [(m.epoch, v) for m in tests if (v := epoch_value(sweep, m)) is not None]
     return TrialRecord(
         number=job.trial_number or 0, params=trial_params(sweep, job),
@@ -121,6 +129,8 @@ def record(sweep: Sweep, job: Job, tests: Sequence[Metric]) -> TrialRecord:
 
 def control_sweep(factory: sessionmaker[Session], publish: Publish, lease: SweepLease) -> None:
     """One pass of the controller over one sweep whose lease it holds."""
+    from worker.search import Search, SearchSpec
+
     snap = read(factory, lease.sweep_id)
     sweep = snap.sweep
     if len(snap.failed) > sweep.max_failed:

@@ -98,10 +98,12 @@ class StopFlags:
 
     lost: threading.Event = field(default_factory=threading.Event)
     cancel: threading.Event = field(default_factory=threading.Event)
+    prune: threading.Event = field(default_factory=threading.Event)  # a sweep stops the trial
 
     def should_stop(self) -> bool:
-        """True once the lease is lost, cancellation was asked for or the worker shuts down."""
-        return self.lost.is_set() or self.cancel.is_set() or SHUTDOWN.is_set()
+        """True once the lease is lost, a cancel or prune was asked for or the worker shuts down."""
+        stopped = self.lost.is_set() or self.cancel.is_set() or self.prune.is_set()
+        return stopped or SHUTDOWN.is_set()
 
 
 class Heartbeat:
@@ -140,6 +142,9 @@ class Heartbeat:
             if beat.cancel_requested:
                 logger.info("job %s: cancellation requested, stopping", self.lease.job_id)
                 self.flags.cancel.set()
+            if beat.prune_requested and not self.flags.prune.is_set():
+                logger.info("job %s: pruned by its sweep, stopping", self.lease.job_id)
+                self.flags.prune.set()
 
 
 class JobWriter:
@@ -324,9 +329,10 @@ def _conclude(
             test_accuracy=result.test_accuracy, metrics=writer.drain(),
         )  # fmt: skip
         return "succeeded" if written else "lost"
-    if flags.cancel.is_set():
-        written = leases.finish(factory, lease, JobStatus.CANCELLED, metrics=writer.drain())
-        return "cancelled" if written else "lost"
+    for flag, status in ((flags.cancel, JobStatus.CANCELLED), (flags.prune, JobStatus.PRUNED)):
+        if flag.is_set():  # stopped at a log interval; its epoch checkpoints stay
+            written = leases.finish(factory, lease, status, metrics=writer.drain())
+            return status.value if written else "lost"
     return _hand_back(ctx, lease)
 
 
@@ -340,6 +346,7 @@ def _hand_back(ctx: WorkerContext, lease: Lease) -> str:
 
 def register_tasks(app: Celery, ctx: WorkerContext) -> None:
     """Register ``mnistq.train`` on ``app``, bound to ``ctx``."""
+
     @app.task(name=TRAIN_TASK, ignore_result=True, acks_late=True)
     def train(job_id: str) -> str:
         """Run job ``job_id`` if it is still queued."""

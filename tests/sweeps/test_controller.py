@@ -57,7 +57,7 @@ def new_sweep(factory: Factory, body: dict[str, Any]) -> str:
 
 def control(factory: Factory, publisher: RecordingPublisher) -> list[str]:
     """One controller pass of this process."""
-    return sweeper.control_sweeps(SETTINGS, factory, publisher)
+    return sweeper.control_all(SETTINGS, factory, publisher)
 
 
 def trials(factory: Factory, sweep_id: str) -> list[Job]:
