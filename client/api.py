@@ -24,10 +24,13 @@ from shared.schemas import (
     MetricsOut,
     PredictionOut,
 )
+from shared.sweep_schemas import SweepOut, SweepPageOut, TrialListOut, TrialOut
 
 M = TypeVar("M", bound=BaseModel)
 Job = JobOut
 Prediction = PredictionOut
+Sweep = SweepOut
+Trial = TrialOut
 FINISHED = frozenset(get_args(JobStatusName)) - {"queued", "running"}
 TIMEOUT_SECONDS = 30.0
 CHUNK = 1 << 20
@@ -66,7 +69,7 @@ class PermissionDenied(ClientError):
 
 
 class NotFound(ClientError):
-    """No such job or artifact, or one the caller may not see (404)."""
+    """No such job, sweep or artifact, or one the caller may not see (404)."""
 
 
 class ValidationFailed(ClientError):
@@ -84,7 +87,7 @@ class ValidationFailed(ClientError):
 
 
 class Conflict(ClientError):
-    """The job's state does not allow this (409), e.g. cancelling a finished job."""
+    """The job's or sweep's state does not allow this (409), e.g. cancelling a finished job."""
 
 
 class ChecksumMismatch(ClientError):
@@ -267,6 +270,51 @@ class Client:
             data=image_bytes,
             headers={"Content-Type": media},
         )
+
+    def create_sweep(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> Sweep:
+        """Start a sweep from its JSON spec (method, metric, parameters, base, budget, ...)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._json(Sweep, "POST", "/sweeps", json=spec, headers=headers)
+
+    def sweep(self, sweep_id: str) -> Sweep:
+        """The sweep as the server shows it now: state, counts, best trial."""
+        return self._json(Sweep, "GET", f"/sweeps/{sweep_id}")
+
+    def sweeps(
+        self, *, status: Iterable[str] = (), limit: int | None = None
+    ) -> builtins.list[Sweep]:
+        """Sweeps, newest first."""
+        params: dict[str, Any] = {"status": list(status)}
+        if limit is not None:
+            params["limit"] = limit
+        return self._json(SweepPageOut, "GET", "/sweeps", params=params).items
+
+    def sweep_trials(self, sweep_id: str) -> builtins.list[Trial]:
+        """The sweep's trials, best first, each with its job."""
+        return self._json(TrialListOut, "GET", f"/sweeps/{sweep_id}/trials").items
+
+    def cancel_sweep(self, sweep_id: str) -> Sweep:
+        """Cancel a running sweep: queued trials now, running ones at their next heartbeat."""
+        return self._json(Sweep, "POST", f"/sweeps/{sweep_id}/cancel")
+
+    def wait_sweep(
+        self,
+        sweep_id: str,
+        on_update: Callable[[Sweep], None] | None = None,
+        poll: float = 2.0,
+        timeout: float | None = None,
+    ) -> Sweep:
+        """Poll until the sweep is no longer running; ``on_update`` sees each poll."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            sweep = self.sweep(sweep_id)
+            if on_update is not None:
+                on_update(sweep)
+            if sweep.status != "running":
+                return sweep
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"sweep {sweep_id} is still running after {timeout}s")
+            time.sleep(poll)
 
 
 def _copy(

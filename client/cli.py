@@ -6,6 +6,7 @@ import click
 
 from client.commands import COMMANDS
 from client.server import api_command, db_group, up_command, worker_command
+from client.sweeps import sweep_group
 from client.train import train_command
 from client.users import tokens_group, users_group
 
@@ -23,6 +24,7 @@ cli.add_command(worker_command)
 cli.add_command(db_group)
 cli.add_command(users_group)
 cli.add_command(tokens_group)
+cli.add_command(sweep_group)
 for command in COMMANDS:
     cli.add_command(command)
 

@@ -258,6 +258,8 @@ def final_line(job: Job) -> str:
     if job.status == "failed":
         reason = job.error.message if job.error and job.error.message else "no reason recorded"
         return f"failed: {reason}"
+    if job.status == "pruned":
+        return f"pruned by its sweep after {len(job.test_metrics)} epoch(s)"
     return f"{job.status}"
 
 
@@ -271,7 +273,7 @@ def _watch(client: Client, job_id: str, poll: float = 0.5) -> None:
     click.echo(final_line(job))
     if job.status == "failed":
         sys.exit(EXIT_FAILED)
-    if job.status == "cancelled":
+    if job.status in ("cancelled", "pruned"):
         sys.exit(EXIT_CANCELLED)
 
 
@@ -281,7 +283,7 @@ def _watch(client: Client, job_id: str, poll: float = 0.5) -> None:
               help="seconds between polls")  # fmt: skip
 @server_command
 def watch_command(client: Client, job_id: str, poll: float) -> None:
-    """Follow a job with a progress bar per epoch; exit 0 if it succeeded, 3 failed, 4 cancelled."""
+    """Follow a job with a bar per epoch; exit 0 if it succeeded, 3 failed, 4 cancelled/pruned."""
     _watch(client, job_id, poll)
 
 
