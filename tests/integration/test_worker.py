@@ -160,7 +160,7 @@ def test_the_same_message_delivered_twice_at_once_runs_the_job_once(stack: Stack
         stack.wait_live_workers(2)  # both idle, each free to take one of the two messages
         job_id = stack.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
         publish_train(stack.celery, job_id, "cpu")  # the API published it once already
-        skip = f"job {job_id}: not queued"
+        skip = f"message for job {job_id}: nothing queued"
         logs = (stack.worker, second)
         deadline = time.monotonic() + 30
         while not any(skip in p.tail(100_000) for p in logs) and time.monotonic() < deadline:
