@@ -30,6 +30,8 @@ SessionFactory = sessionmaker[Session]
 TRACEBACK_TAIL_CHARS = 8000
 # The longest a queued row waits between re-publications, in grace periods.
 MAX_REPUBLISH_BACKOFF = 16
+# The order workers take queued jobs in, and queue positions count in.
+CLAIM_ORDER = (Job.priority.desc(), Job.created_at, Job.id)
 
 
 @dataclass(frozen=True)
@@ -117,17 +119,43 @@ def _insert_metrics(session: Session, job_id: str, metrics: Sequence[MetricRecor
     )
 
 
-def claim(
-    session_factory: SessionFactory, job_id: str, *, hostname: str, lease_seconds: float
+@dataclass(frozen=True)
+class Claimant:
+    """Who takes a job: recorded on the row so operators (and tests) know what runs where."""
+
+    hostname: str
+    worker_id: str | None = None  # the worker's registry id
+    pid: int | None = None  # the process that trains it
+
+
+def claim_next(
+    session_factory: SessionFactory,
+    queues: Sequence[str],
+    *,
+    claimant: Claimant,
+    lease_seconds: float,
 ) -> Lease | None:
-    """Take a queued job: None when it is not queued any more (someone else has it)."""
+    """Take the best queued job of ``queues`` (highest priority, then oldest); None if none.
+
+    The database is the queue: a broker message only wakes a worker, so a lost, duplicated
+    or reordered message can never lose or reorder work. On PostgreSQL the candidate row is
+    locked with SKIP LOCKED, so claimers at once take different jobs without waiting; on
+    SQLite the one-statement UPDATE runs under the database's single write lock.
+    """
     now = utcnow()
     token = secrets.token_hex(16)
+    best = (
+        select(Job.id)
+        .where(Job.status == JobStatus.QUEUED, Job.queue.in_(list(queues)))
+        .order_by(*CLAIM_ORDER)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
     with transaction(session_factory) as session:
-        claimed = _changed_one(
-            session,
+        job_id = session.scalar(
             update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .where(Job.id == best, Job.status == JobStatus.QUEUED)
             .values(
                 status=JobStatus.RUNNING,
                 lease_token=token,
@@ -135,10 +163,14 @@ def claim(
                 heartbeat_at=now,
                 attempt=Job.attempt + 1,
                 started_at=func.coalesce(Job.started_at, now),
-                worker_hostname=hostname,
-            ),
+                worker_hostname=claimant.hostname,
+                worker_id=claimant.worker_id,
+                worker_pid=claimant.pid,
+            )
+            .returning(Job.id),
+            execution_options={"synchronize_session": False},
         )
-    return Lease(job_id, token) if claimed else None
+    return Lease(job_id, token) if job_id is not None else None
 
 
 def heartbeat(
@@ -303,6 +335,23 @@ def release(session_factory: SessionFactory, lease: Lease) -> bool:
         )
 
 
+def requeue(session_factory: SessionFactory, lease: Lease) -> bool:
+    """Hand a running job back now for infrastructure trouble (the attempt counts)."""
+    with transaction(session_factory) as session:
+        return _changed_one(
+            session,
+            update(Job)
+            .where(_mine(lease), Job.status == JobStatus.RUNNING)
+            .values(
+                status=JobStatus.QUEUED,
+                lease_token=None,
+                lease_expires_at=None,
+                queued_at=utcnow(),
+                published_at=None,
+            ),
+        )
+
+
 @dataclass(frozen=True)
 class Expired:
     """What the reaper did with running jobs whose lease expired."""
@@ -414,7 +463,7 @@ def _due_for_publish(
                 Job.status == JobStatus.QUEUED,
                 Job.published_at.is_(None) | (Job.published_at < now - grace),
             )
-            .order_by(Job.priority.desc(), Job.queued_at)
+            .order_by(*CLAIM_ORDER)
             .limit(limit * 4)
         ).all()
     due = [

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.schemas import Hyperparameters, JobOut, _printable
+from shared.schemas import MAX_PRIORITY, MIN_PRIORITY, Hyperparameters, JobOut, _printable
 
 SweepMethod = Literal["grid", "random", "tpe"]
 SweepStatusName = Literal["running", "completed", "failed", "cancelled"]
@@ -148,7 +148,9 @@ class SweepBase(BaseModel):
         default_factory=lambda: Hyperparameters.model_validate({}),
         description="omitted keys take the seed recipe's values",
     )
-    priority: int = Field(0, ge=-1000, le=1000, description="every trial job's priority")
+    priority: int = Field(
+        0, ge=MIN_PRIORITY, le=MAX_PRIORITY, description="every trial job's priority"
+    )
 
 
 class SweepBudget(BaseModel):

@@ -173,9 +173,12 @@ def trial_job(sweep: Sweep, number: int, params: dict[str, object]) -> Job:
         )
     except ValidationError as exc:
         raise ValueError(f"trial {number} got values the job schema refuses: {exc}") from exc
-    job = new_job(JobCreate(name=f"{sweep.name or 'sweep'} #{number}", hyperparameters=hp))
+    priority = int(spec["base"].get("priority", 0))
+    body = JobCreate(
+        name=f"{sweep.name or 'sweep'} #{number}", hyperparameters=hp, priority=priority
+    )
+    job = new_job(body)
     job.owner_id, job.sweep_id, job.trial_number = sweep.owner_id, sweep.id, number
-    job.priority = int(spec["base"].get("priority", 0))
     return job
 
 

@@ -272,21 +272,21 @@ def test_a_prune_request_reaches_the_heartbeat_and_an_expired_one_ends_pruned(
 ) -> None:
     sweep_id = new_sweep(factory, GRID)
     control(factory, publisher)
-    first, second = trials(factory, sweep_id)
-    lease = leases.claim(factory, first.id, hostname="h", lease_seconds=30)
-    other = leases.claim(factory, second.id, hostname="h", lease_seconds=-1)  # expired at once
+    claimant = leases.Claimant("h")
+    lease = leases.claim_next(factory, ["cpu"], claimant=claimant, lease_seconds=30)
+    other = leases.claim_next(factory, ["cpu"], claimant=claimant, lease_seconds=-1)  # expired
     assert lease is not None and other is not None
     holder = sweep_lease.take(
         factory, sweep_id, token=sweeper.process_token(), controller="x", lease_seconds=30
     )
     assert holder is not None
-    assert sweep_lease.prune(factory, holder, first.id)
-    assert sweep_lease.prune(factory, holder, second.id)
+    assert sweep_lease.prune(factory, holder, lease.job_id)
+    assert sweep_lease.prune(factory, holder, other.job_id)
     beat = leases.heartbeat(factory, lease, 30)
     assert (beat.prune_requested, beat.ok) == (True, False)
     assert leases.finish(factory, lease, JobStatus.PRUNED)
     expired = leases.requeue_expired(factory, max_attempts=3)
-    assert expired.pruned == [second.id]
+    assert expired.pruned == [other.job_id]
     assert [j.status for j in trials(factory, sweep_id)] == [JobStatus.PRUNED] * 2
 
 
