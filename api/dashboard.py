@@ -25,7 +25,7 @@ from api.extensions import services
 from api.jobs import publish_job
 from api.limits import check_submit_rate
 from api.predict import image_body, predict_for_job
-from api.serialize import job_json, jobs_json
+from api.serialize import job_json, jobs_json, sweeps_json, trials_json
 from shared.config import Settings
 from shared.jobs import (
     InvalidJobRequest,
@@ -36,6 +36,8 @@ from shared.jobs import (
     list_jobs,
     request_cancel,
 )
+from shared.sweeps import SweepConflict, get_sweep, list_sweeps
+from shared.sweeps import request_cancel as request_sweep_cancel
 
 bp = Blueprint("dashboard", __name__)
 
@@ -208,3 +210,36 @@ def predict(job_id: str) -> ResponseReturnValue:
     found = get_job(session, job_id, owner_id=owner_scope())
     # The API's own reader: its size limit, its 415 for anything but an image.
     return predict_for_job(session, services().store, found, image_body())
+
+
+@bp.get("/ui/sweeps")
+@public
+def sweeps() -> ResponseReturnValue:
+    """The sweep list: state, trials, best so far."""
+    session = get_session()
+    found = list_sweeps(session, limit=services().settings.page_size, owner_id=owner_scope())
+    return render_template("dashboard/sweeps.html", sweeps=sweeps_json(session, found))
+
+
+@bp.get("/ui/sweeps/<sweep_id>")
+@public
+def sweep(sweep_id: str) -> ResponseReturnValue:
+    """One sweep: its trials, the metric against each parameter, the best trial's curves."""
+    session = get_session()
+    row = get_sweep(session, sweep_id, owner_id=owner_scope())
+    found, trials = sweeps_json(session, [row])[0], trials_json(session, row)["items"]
+    names = [n for n, p in found["parameters"].items() if p.get("distribution") != "constant"]
+    top = [t["job"]["id"] for t in trials if t["value"] is not None][:MAX_COMPARED]
+    return render_template("dashboard/sweep.html", sweep=found, trials=trials, names=names, top=top)
+
+
+@bp.post("/ui/sweeps/<sweep_id>/cancel")
+@public
+def cancel_sweep(sweep_id: str) -> ResponseReturnValue:
+    """Cancel from the sweep page, then show it again."""
+    try:
+        request_sweep_cancel(get_session(), sweep_id, owner_id=owner_scope())
+        flash("Sweep cancelled: queued trials now, running ones at their next heartbeat.")
+    except SweepConflict as exc:
+        flash(str(exc), "error")
+    return redirect(url_for("dashboard.sweep", sweep_id=sweep_id))

@@ -5,7 +5,7 @@
   const m = window.mnistq;
   const root = document.getElementById("job");
   if (!root) return;
-  const FINISHED = ["succeeded", "failed", "cancelled"];
+  const FINISHED = ["succeeded", "failed", "cancelled", "pruned"];
   const lossChart = document.getElementById("loss-chart");
   const accuracyChart = document.getElementById("accuracy-chart");
 
