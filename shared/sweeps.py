@@ -7,7 +7,6 @@ controller (``worker.sweeper``) adds trials under the sweep's lease (``shared.sw
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import re
@@ -23,7 +22,7 @@ from sqlalchemy.orm import Session
 from shared.jobs import FieldError, InvalidJobRequest, Loc, scoped_key
 from shared.models import Job, JobStatus, Metric, Sweep, SweepStatus, utcnow
 from shared.schemas import JOB_ID_PATTERN, Hyperparameters
-from shared.sweep_schemas import MAX_TRIALS, ParameterSpec, Scalar, SweepCreate
+from shared.sweep_schemas import MAX_TRIALS, ParameterSpec, SweepCreate
 
 _SWEEP_ID = re.compile(JOB_ID_PATTERN)
 # A range's values that the job schema must accept: both ends (bounds are intervals).
@@ -137,21 +136,6 @@ def resolved_max_trials(body: SweepCreate) -> int:
     if body.method == "grid":
         return grid_size(body.parameters) or 0
     return body.budget.max_trials or 0
-
-
-def grid_axes(spec: dict[str, Any]) -> dict[str, list[Scalar]]:
-    """The searched axes of a stored grid sweep (constants left out), by name."""
-    parameters = {n: ParameterSpec.model_validate(spec["parameters"][n]) for n in searched(spec)}
-    return {name: parsed.choices() or [] for name, parsed in parameters.items()}
-
-
-def grid_cells(spec: dict[str, Any]) -> list[dict[str, Scalar]]:
-    """Every cell of a stored grid sweep, in a fixed order."""
-    axes = grid_axes(spec)
-    names = sorted(axes)
-    return [
-        dict(zip(names, cell, strict=True)) for cell in itertools.product(*(axes[n] for n in names))
-    ]
 
 
 # --- create, look up, list, cancel ---------------------------------------------------------

@@ -176,6 +176,9 @@ class Search:
         retry = self._grid_retry(number)
         if retry is not None:
             self.study.enqueue_trial(retry, skip_if_exists=False)
+        elif self.spec.method == "grid" and number >= self.spec.max_trials:
+            # GridSampler would hand out a random, already covered cell: a duplicate.
+            raise RuntimeError(f"grid trial {number}: every cell is covered already")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             trial = self.study.ask(self.distributions)

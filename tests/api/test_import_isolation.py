@@ -13,6 +13,7 @@ from shared.config import Settings
 app = create_app(Settings(database_url="sqlite:///{db}", var_dir="{var}", artifact_dir="{art}"))
 app.test_client().get("/openapi.json")
 assert "torch" not in sys.modules, "torch was imported"
+assert "optuna" not in sys.modules, "optuna was imported"
 print("ok")
 """
 

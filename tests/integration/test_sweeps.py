@@ -21,6 +21,7 @@ from sqlalchemy import select
 from shared.models import Job, Sweep
 from tests.integration.conftest import engine_and_factory
 from tests.integration.stack import Api, Process, stack_env
+from tests.integration.test_worker import maps_torch
 
 pytestmark = [pytest.mark.integration, pytest.mark.mnist]
 
@@ -174,6 +175,7 @@ def test_a_killed_controller_is_replaced_and_the_sweep_completes_without_duplica
     controller = first["controller"]
     pid = int(controller.rsplit(":", 1)[1])
     victim = next(w for w in stack.workers if w.popen is not None and w.popen.pid == pid)
+    assert not maps_torch(pid)  # the controller runs Optuna in the prefork parent, never torch
     victim.kill()  # SIGKILL of the main process and its child, mid-trial
     stack.workers = [w for w in stack.workers if w is not victim] + [stack.new_worker()]
     done = stack.wait_ended(sweep["id"], timeout=240)
