@@ -41,8 +41,8 @@ ASHA_SEARCH: dict[str, Any] = {
 }
 
 
-def start_stack(var: Path, workers: int) -> tuple[Api, list[Process]]:
-    """`mnistq api` and ``workers`` one-slot cpu workers on SQLite and the filesystem broker."""
+def start_stack(var: Path, slots: int) -> tuple[Api, Process]:
+    """`mnistq api` and a cpu worker of ``slots`` slots on SQLite and the filesystem broker."""
     database = f"sqlite:///{var / 'mnistq.db'}"
     upgrade(database)
     env = stack_env(
@@ -54,8 +54,9 @@ def start_stack(var: Path, workers: int) -> tuple[Api, list[Process]]:
         env.pop(name)
     env["MNISTQ_REAPER_INTERVAL_SECONDS"] = "2"
     api = Api(env, var / "api.log").start()
-    args = ["worker", "--queues", "cpu", "--concurrency", "1", "--loglevel", "WARNING"]
-    return api, [Process(args, env, var / f"worker-{i}.log").start() for i in range(workers)]
+    # One worker: its slots share the cores out (one thread each on two cores).
+    args = ["worker", "--queues", "cpu", "--concurrency", str(slots), "--loglevel", "WARNING"]
+    return api, Process(args, env, var / "worker.log").start()
 
 
 def wait_sweep(api: Api, sweep_id: str, timeout: float) -> dict[str, Any]:
@@ -72,14 +73,14 @@ def wait_sweep(api: Api, sweep_id: str, timeout: float) -> dict[str, Any]:
     return sweep
 
 
-def tpe_run(api: Api, trials: int, epochs: int, workers: int, timeout: float) -> None:
+def tpe_run(api: Api, trials: int, epochs: int, slots: int, timeout: float) -> None:
     """The TPE sweep beside the seed recipe; print both results."""
     seed = api.submit({"name": "seed recipe", "hyperparameters": {"n_epochs": epochs}})
     sweep = api.http.post(f"{api.base}/api/v1/sweeps", timeout=10, json={
         "name": "tpe-bench", "method": "tpe",
         "parameters": {**SEARCH, "n_epochs": {"value": epochs}},
         "base": {"hyperparameters": {"model": "tutorial_cnn"}},
-        "budget": {"max_trials": trials, "max_concurrent": workers, "max_failed": 3},
+        "budget": {"max_trials": trials, "max_concurrent": slots, "max_failed": 3},
         "seed": 7,
     }).json()  # fmt: skip
     started = time.monotonic()
@@ -89,7 +90,7 @@ def tpe_run(api: Api, trials: int, epochs: int, workers: int, timeout: float) ->
     best = done["best"]
     values = {k: best["hyperparameters"][k] for k in SEARCH} if best else {}
     print(f"\nTPE sweep of {done['trials']} trials of tutorial_cnn, {epochs} epochs each "
-          f"({done['status']}, {wall:.0f} s wall, {workers} workers)")  # fmt: skip
+          f"({done['status']}, {wall:.0f} s wall, {slots} slots)")  # fmt: skip
     print(f"  seed recipe (lr 0.01, momentum 0.5, batch 64): test accuracy "
           f"{seed_job['test_accuracy']:.4f}")  # fmt: skip
     if best:
@@ -98,13 +99,13 @@ def tpe_run(api: Api, trials: int, epochs: int, workers: int, timeout: float) ->
         print(f"  best - seed: {best['value'] - seed_job['test_accuracy']:+.4f}")
 
 
-def asha_run(api: Api, trials: int, epochs: int, workers: int, timeout: float) -> None:
+def asha_run(api: Api, trials: int, epochs: int, slots: int, timeout: float) -> None:
     """The random sweep with ASHA; print what pruning saved."""
     sweep = api.http.post(f"{api.base}/api/v1/sweeps", timeout=10, json={
         "name": "asha-bench", "method": "random",
         "parameters": {**ASHA_SEARCH, "n_epochs": {"value": epochs}},
         "base": {"hyperparameters": {"model": "tutorial_cnn"}},
-        "budget": {"max_trials": trials, "max_concurrent": workers},
+        "budget": {"max_trials": trials, "max_concurrent": slots},
         "early_terminate": {"type": "asha", "min_epochs": 1, "eta": 3},
         "seed": 11,
     }).json()  # fmt: skip
@@ -115,7 +116,7 @@ def asha_run(api: Api, trials: int, epochs: int, workers: int, timeout: float) -
     trained = sum(t["epochs_trained"] for t in items)
     pruned = [t for t in items if t["job"]["status"] == "pruned"]
     full = len(items) * epochs
-    print(f"\nASHA (min 1 epoch, eta 3) on a random sweep ({done['status']}, {workers} workers)")
+    print(f"\nASHA (min 1 epoch, eta 3) on a random sweep ({done['status']}, {slots} slots)")
     print(f"  trials {len(items)}, pruned {len(pruned)} "
           f"(after epochs {sorted(t['epochs_trained'] for t in pruned)})")  # fmt: skip
     print(f"  epochs trained {trained}, without pruning {full}: {1 - trained / full:.0%} fewer")
@@ -137,16 +138,16 @@ def main() -> None:
     parser.add_argument("--asha", action="store_true", help="the ASHA run instead of TPE")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2, help="one-slot cpu workers")
+    parser.add_argument("--slots", type=int, default=2, help="jobs the worker runs at once")
     parser.add_argument("--timeout", type=float, default=3 * 3600)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mnistq-sweep-bench-") as tmp:
-        api, workers = start_stack(Path(tmp), args.workers)
+        api, worker = start_stack(Path(tmp), args.slots)
         try:
             run = asha_run if args.asha else tpe_run
-            run(api, args.trials, args.epochs, args.workers, args.timeout)
+            run(api, args.trials, args.epochs, args.slots, args.timeout)
         finally:
-            for process in (*workers, api.process):
+            for process in (worker, api.process):
                 process.kill()
 
 

@@ -312,3 +312,18 @@ def test_random_and_tpe_sweeps_ask_distinct_values_within_bounds(
     assert len(set(rates)) == 6 and all(0.001 <= r <= 0.1 for r in rates)
     assert all(j.hyperparameters["batch_size_train"] % 32 == 0 for j in jobs)
     assert all(round(j.hyperparameters["momentum"] * 10, 6).is_integer() for j in jobs)
+
+
+def test_a_sweep_the_search_cannot_go_on_with_ends_failed_with_the_reason(
+    factory: Factory, publisher: RecordingPublisher
+) -> None:
+    sweep_id = new_sweep(factory, GRID)
+    spec = sweep_row(factory, sweep_id).spec
+    broken = spec | {"parameters": {"momentum": {"distribution": "normal"}}}
+    with factory() as session, session.begin():
+        session.execute(update(Sweep).where(Sweep.id == sweep_id).values(spec=broken))
+    control(factory, publisher)
+    sweep = sweep_row(factory, sweep_id)
+    assert sweep.status == SweepStatus.FAILED
+    assert (sweep.error_message or "").startswith("controller error: ValidationError")
+    assert control(factory, publisher) == []  # ended once, not retried every pass
