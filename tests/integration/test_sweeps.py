@@ -64,7 +64,7 @@ class SweepStack:
             time.sleep(0.2)
         return sweep
 
-    def wait_ended(self, sweep_id: str, timeout: float = 180) -> dict[str, Any]:
+    def wait_ended(self, sweep_id: str, timeout: float = 600) -> dict[str, Any]:
         """Poll until the sweep is no longer running."""
         return self.wait(sweep_id, lambda s: s["status"] != "running", timeout)
 
@@ -166,23 +166,23 @@ def test_a_killed_controller_is_replaced_and_the_sweep_completes_without_duplica
             "learning_rate": {"distribution": "log_uniform_values", "min": 0.005, "max": 0.1},
             "n_epochs": {"value": 1},
         },
-        "base": {"hyperparameters": FULL_EPOCH},
-        "budget": {"max_trials": 6, "max_concurrent": 2},
+        "base": {"hyperparameters": QUICK},
+        "budget": {"max_trials": 4, "max_concurrent": 2},
         "seed": 5,
     })  # fmt: skip
     # Both slots busy: the controller's worker is running a trial that dies with it.
-    first = stack.wait(sweep["id"], lambda s: s["counts"]["running"] == 2, timeout=60)
+    first = stack.wait(sweep["id"], lambda s: s["counts"]["running"] == 2, timeout=120)
     controller = first["controller"]
     pid = int(controller.rsplit(":", 1)[1])
     victim = next(w for w in stack.workers if w.popen is not None and w.popen.pid == pid)
     assert not maps_torch(pid)  # the controller runs Optuna in the prefork parent, never torch
     victim.kill()  # SIGKILL of the main process and its child, mid-trial
     stack.workers = [w for w in stack.workers if w is not victim] + [stack.new_worker()]
-    done = stack.wait_ended(sweep["id"], timeout=240)
+    done = stack.wait_ended(sweep["id"])
     assert done["status"] == "completed", done
     rows = stack.trial_rows(sweep["id"])
-    assert [j.trial_number for j in rows] == list(range(6))
-    assert len({j.hyperparameters["learning_rate"] for j in rows}) == 6
+    assert [j.trial_number for j in rows] == list(range(4))
+    assert len({j.hyperparameters["learning_rate"] for j in rows}) == 4
     assert all(j.status == "succeeded" for j in rows)
     assert max(j.attempt for j in rows) == 2  # the killed trial resumed, still one trial
     with stack.db() as session:
