@@ -160,3 +160,27 @@ def test_queues_count_queued_and_running_jobs_and_live_workers(
     assert (cpu["queued"], cpu["running"], cpu["live_workers"]) == (2, 1, 1)
     assert (gpu["queued"], gpu["running"], gpu["live_workers"]) == (1, 0, 1)
     assert cpu["oldest_wait_seconds"] >= 0
+
+
+def test_the_workers_page_shows_workers_and_queues_and_drains_for_admins(
+    app: Flask, admin: Caller, alice: Caller, sessions: sessionmaker[Session]
+) -> None:
+    from tests.api.test_dashboard import csrf_of, signed_in
+
+    info = register(sessions)
+    job_id = insert_job(sessions, status="running", worker_id=info.id)
+    browser = signed_in(app, admin)
+    page = browser.get("/ui/workers").get_data(as_text=True)
+    assert info.id in page and "box" in page and job_id[:8] in page and "Drain" in page
+    assert "<td>cpu</td>" in page  # the queues table
+    token = csrf_of(browser, "/ui/workers")
+    drained = browser.post(f"/ui/workers/{info.id}/drain", data={"csrf_token": token})
+    assert drained.status_code == 302
+    with sessions() as session:
+        row = session.get(Worker, info.id)
+        assert row is not None and row.state == "draining"
+    user = signed_in(app, alice)
+    assert "Drain</button>" not in user.get("/ui/workers").get_data(as_text=True)
+    refused = user.post(f"/ui/workers/{info.id}/drain", data={"csrf_token": csrf_of(user)})
+    assert refused.status_code == 302  # back to the page, with the refusal flashed
+    assert "Only an admin" in user.get("/ui/workers").get_data(as_text=True)
