@@ -11,7 +11,14 @@ from api.openapi import operation
 from api.serialize import dump, utc
 from shared.models import utcnow
 from shared.schemas import QueueListOut, QueueOut, WorkerListOut, WorkerOut
-from shared.workers import WorkerView, list_workers, queue_summary, request_drain, state_of
+from shared.workers import (
+    QueueView,
+    WorkerView,
+    list_workers,
+    queue_summary,
+    request_drain,
+    state_of,
+)
 
 bp = Blueprint("workers", __name__, url_prefix="/api/v1")
 
@@ -23,6 +30,14 @@ def worker_out(view: WorkerView) -> WorkerOut:
         id=row.id, name=row.name, hostname=row.hostname, pid=row.pid,
         queues=[q for q in row.queues.split(",") if q], slots=row.concurrency, jobs=view.jobs,
         started_at=utc(row.started_at), last_seen_at=utc(row.last_seen_at), state=view.state.value,
+    )  # fmt: skip
+
+
+def queue_out(view: QueueView) -> QueueOut:
+    """One queue's counts."""
+    return QueueOut(
+        name=view.name, queued=view.queued, running=view.running,
+        oldest_wait_seconds=view.oldest_wait_seconds, live_workers=view.live_workers,
     )  # fmt: skip
 
 
@@ -52,14 +67,5 @@ def drain(worker_id: str) -> ResponseReturnValue:
 @operation(summary="List queues", responses={200: QueueListOut}, errors=(503,))
 def queues() -> ResponseReturnValue:
     """Per queue: jobs queued and running, the oldest wait in seconds, live workers."""
-    items = [
-        QueueOut(
-            name=q.name,
-            queued=q.queued,
-            running=q.running,
-            oldest_wait_seconds=q.oldest_wait_seconds,
-            live_workers=q.live_workers,
-        )
-        for q in queue_summary(get_session())
-    ]
+    items = [queue_out(view) for view in queue_summary(get_session())]
     return dump(QueueListOut(items=items))

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
 
     # Limits and exposure of the HTTP API.
     max_queued_jobs_per_user: int = Field(100, ge=1, description="queued jobs one user may have")
+    max_running_jobs_per_user: int | None = Field(
+        None,
+        ge=1,
+        description="jobs of one user running at once (workers enforce it); unset: no cap",
+    )
     submit_rate_limit: str = Field(
         "30/minute", min_length=1, description="job submissions per token, e.g. '30/minute'"
     )

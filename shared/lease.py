@@ -134,19 +134,31 @@ def claim_next(
     *,
     claimant: Claimant,
     lease_seconds: float,
+    max_running_per_user: int | None = None,
 ) -> Lease | None:
     """Take the best queued job of ``queues`` (highest priority, then oldest); None if none.
 
     The database is the queue: a broker message only wakes a worker, so a lost, duplicated
     or reordered message can never lose or reorder work. On PostgreSQL the candidate row is
     locked with SKIP LOCKED, so claimers at once take different jobs without waiting; on
-    SQLite the one-statement UPDATE runs under the database's single write lock.
+    SQLite the one-statement UPDATE runs under the database's single write lock. With
+    ``max_running_per_user``, jobs of a user who already runs that many wait (two claims at
+    the same instant may each see room for one more: a fairness cap, not an exact quota).
     """
     now = utcnow()
     token = secrets.token_hex(16)
+    eligible = [Job.status == JobStatus.QUEUED, Job.queue.in_(list(queues))]
+    if max_running_per_user is not None:
+        running = Job.__table__.alias("running")
+        eligible.append(
+            select(func.count())
+            .where(running.c.owner_id == Job.owner_id, running.c.status == JobStatus.RUNNING)
+            .scalar_subquery()
+            < max_running_per_user
+        )
     best = (
         select(Job.id)
-        .where(Job.status == JobStatus.QUEUED, Job.queue.in_(list(queues)))
+        .where(*eligible)
         .order_by(*CLAIM_ORDER)
         .limit(1)
         .with_for_update(skip_locked=True)
@@ -335,21 +347,36 @@ def release(session_factory: SessionFactory, lease: Lease) -> bool:
         )
 
 
-def requeue(session_factory: SessionFactory, lease: Lease) -> bool:
-    """Hand a running job back now for infrastructure trouble (the attempt counts)."""
+def requeue(
+    session_factory: SessionFactory, lease: Lease, *, max_attempts: int, reason: str
+) -> JobStatus | None:
+    """Hand a running job back now for infrastructure trouble; the attempt counts, and a job
+    out of attempts ends failed with ``reason``. The new status, or None when fenced."""
+    now = utcnow()
+    running = (_mine(lease), Job.status == JobStatus.RUNNING)
     with transaction(session_factory) as session:
-        return _changed_one(
+        if _changed_one(
             session,
             update(Job)
-            .where(_mine(lease), Job.status == JobStatus.RUNNING)
+            .where(*running, Job.attempt < max_attempts)
             .values(
-                status=JobStatus.QUEUED,
-                lease_token=None,
-                lease_expires_at=None,
-                queued_at=utcnow(),
-                published_at=None,
+                status=JobStatus.QUEUED, lease_token=None, lease_expires_at=None,
+                queued_at=now, published_at=None,
             ),
-        )
+        ):  # fmt: skip
+            return JobStatus.QUEUED
+        message = f"{reason} (gave up after {max_attempts} attempts)"
+        if _changed_one(
+            session,
+            update(Job)
+            .where(*running)
+            .values(
+                status=JobStatus.FAILED, lease_token=None, lease_expires_at=None,
+                finished_at=now, error_message=message,
+            ),
+        ):  # fmt: skip
+            return JobStatus.FAILED
+    return None
 
 
 @dataclass(frozen=True)

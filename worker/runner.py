@@ -323,6 +323,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> Outcome:
         lease = leases.claim_next(
             ctx.session_factory, [queue], claimant=ctx.claimant(),
             lease_seconds=ctx.settings.lease_seconds,
+            max_running_per_user=ctx.settings.max_running_jobs_per_user,
         )  # fmt: skip
     if lease is None:
         logger.info("message for job %s: nothing queued on its queue, skipping", job_id)
@@ -347,11 +348,17 @@ def _run_claimed(ctx: WorkerContext, lease: Lease) -> Outcome:
             # Infrastructure, not the job's fault: the lease expires and the job is retried.
             logger.exception("job %s: database error, leaving the job to the reaper", lease.job_id)
             return Outcome.ABANDONED
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             # Infrastructure too: the job goes back to the queue now (the attempt counts, so
             # a store that never comes back ends it failed after max_attempts).
             logger.exception("job %s: artifact store unavailable, requeueing", lease.job_id)
-            return Outcome.REQUEUED if leases.requeue(ctx.session_factory, lease) else Outcome.LOST
+            status = leases.requeue(
+                ctx.session_factory, lease, max_attempts=ctx.settings.max_attempts,
+                reason=f"the artifact store stayed unavailable: {exc}",
+            )  # fmt: skip
+            return {JobStatus.QUEUED: Outcome.REQUEUED, JobStatus.FAILED: Outcome.FAILED}.get(
+                status or JobStatus.RUNNING, Outcome.LOST
+            )
         except Exception as exc:
             logger.exception("job %s: training failed", lease.job_id)
             leases.finish(

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import create_app
+from api.db import SESSIONS_KEY
 from shared import workers
-from shared.models import Worker, utcnow
+from shared.artifacts import describe
+from shared.models import Artifact, Worker, utcnow
+from shared.store import make_store
 from shared.workers import WorkerInfo
-from tests.api.conftest import Caller, client_as, insert_job
+from tests.api.conftest import (
+    Caller,
+    RecordingPublisher,
+    add_user,
+    client_as,
+    insert_job,
+    make_settings,
+)
+from tests.seaweedfs import SeaweedFS
 
 JOBS = "/api/v1/jobs"
 
@@ -160,3 +173,63 @@ def test_queues_count_queued_and_running_jobs_and_live_workers(
     assert (cpu["queued"], cpu["running"], cpu["live_workers"]) == (2, 1, 1)
     assert (gpu["queued"], gpu["running"], gpu["live_workers"]) == (1, 0, 1)
     assert cpu["oldest_wait_seconds"] >= 0
+
+
+def test_the_workers_page_shows_workers_and_queues_and_drains_for_admins(
+    app: Flask, admin: Caller, alice: Caller, sessions: sessionmaker[Session]
+) -> None:
+    from tests.api.test_dashboard import csrf_of, signed_in
+
+    info = register(sessions)
+    job_id = insert_job(sessions, status="running", worker_id=info.id)
+    browser = signed_in(app, admin)
+    page = browser.get("/ui/workers").get_data(as_text=True)
+    assert info.id in page and "box" in page and job_id[:8] in page and "Drain" in page
+    assert "<td>cpu</td>" in page  # the queues table
+    token = csrf_of(browser, "/ui/workers")
+    drained = browser.post(f"/ui/workers/{info.id}/drain", data={"csrf_token": token})
+    assert drained.status_code == 302
+    with sessions() as session:
+        row = session.get(Worker, info.id)
+        assert row is not None and row.state == "draining"
+    user = signed_in(app, alice)
+    assert "Drain</button>" not in user.get("/ui/workers").get_data(as_text=True)
+    refused = user.post(f"/ui/workers/{info.id}/drain", data={"csrf_token": csrf_of(user)})
+    assert refused.status_code == 302  # back to the page, with the refusal flashed
+    assert "Only an admin" in user.get("/ui/workers").get_data(as_text=True)
+
+
+def test_downloads_stream_from_s3_and_a_store_outage_is_a_503(
+    tmp_path: Path, database_url: str, seaweedfs: SeaweedFS, s3_env: dict[str, str]
+) -> None:
+    settings = make_settings(
+        tmp_path, database_url, artifact_url=f"s3://{seaweedfs.new_bucket()}/runs",
+        s3_endpoint_url=seaweedfs.endpoint_url, artifact_dir=tmp_path / "unused",
+    )  # fmt: skip
+    app = create_app(settings, publish=RecordingPublisher())
+    sessions = app.extensions[SESSIONS_KEY]
+    admin = add_user(sessions, "root", admin=True)
+    job_id = insert_job(sessions, status="succeeded")
+    scratch = tmp_path / "scratch" / "metrics.json"
+    scratch.parent.mkdir()
+    scratch.write_bytes(b'{"ok": true}')
+    size, sha = describe(scratch)
+    make_store(settings).put(job_id, "metrics.json", scratch, sha256=sha)
+    with sessions() as session, session.begin():
+        session.add(Artifact(job_id=job_id, name="metrics.json", kind="log", size=size, sha256=sha))
+    client = client_as(app, admin)
+    url = f"{JOBS}/{job_id}/artifacts/metrics.json"
+    response = client.get(url)
+    assert (response.status_code, response.data) == (200, b'{"ok": true}')
+    assert response.headers["ETag"] == f'"{sha}"' and response.content_length == size
+    assert client.get(url, headers={"If-None-Match": f'"{sha}"'}).status_code == 304
+    assert not (tmp_path / "unused").exists()
+
+    down = make_settings(
+        tmp_path, database_url, artifact_url="s3://mnistq/runs",
+        s3_endpoint_url="http://127.0.0.1:9",  # nothing listens there
+    )  # fmt: skip
+    outage = client_as(create_app(down, publish=RecordingPublisher()), admin)
+    failed = outage.get(url)
+    assert (failed.status_code, failed.get_json()["error"]) == (503, "store_unavailable")
+    assert "127.0.0.1" not in failed.get_data(as_text=True)

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import lease as leases
 from shared.lease import Claimant, Lease, MetricRecord, ProgressUpdate
-from shared.models import Artifact, Job, JobStatus, Metric, utcnow
+from shared.models import Artifact, Job, JobStatus, Metric, User, utcnow
 
 Factory = sessionmaker[Session]
 
@@ -313,7 +313,34 @@ def test_two_claimers_on_fifty_jobs_never_take_the_same_job(factory: Factory) ->
 def test_requeue_hands_the_job_back_and_counts_the_attempt(factory: Factory) -> None:
     job_id = add_job(factory)
     lease = claim(factory, job_id)
-    assert lease is not None and leases.requeue(factory, lease)
+    assert lease is not None
+    assert leases.requeue(factory, lease, max_attempts=2, reason="store down") == "queued"
     row = get(factory, job_id)
     assert (row.status, row.attempt, row.lease_token, row.published_at) == ("queued", 1, None, None)
-    assert not leases.requeue(factory, lease)  # the old lease fences a second try
+    # The old lease fences a second try.
+    assert leases.requeue(factory, lease, max_attempts=2, reason="store down") is None
+    again = claim(factory, job_id)
+    assert again is not None
+    assert leases.requeue(factory, again, max_attempts=2, reason="store down") == "failed"
+    row = get(factory, job_id)
+    assert (row.status, row.attempt) == ("failed", 2)
+    assert row.error_message == "store down (gave up after 2 attempts)"
+
+
+def test_a_running_cap_per_user_lets_other_users_jobs_go_first(factory: Factory) -> None:
+    with factory() as session, session.begin():
+        session.add_all([User(id=1, name="busy"), User(id=2, name="other")])
+    base = utcnow()
+    busy = [add_job(factory, owner_id=1, created_at=base + timedelta(seconds=i)) for i in range(3)]
+    other = add_job(factory, owner_id=2, created_at=base + timedelta(seconds=10))
+
+    def capped() -> Lease | None:
+        return leases.claim_next(
+            factory, ["cpu"], claimant=CLAIMANT, lease_seconds=30, max_running_per_user=2
+        )
+
+    taken = [lease.job_id for lease in iter(capped, None)]
+    assert taken == [busy[0], busy[1], other]  # busy's third waits while two of theirs run
+    first = Lease(busy[0], get(factory, busy[0]).lease_token or "")
+    assert leases.finish(factory, first, JobStatus.SUCCEEDED)
+    assert [lease.job_id for lease in iter(capped, None)] == [busy[2]]

@@ -200,4 +200,29 @@ def test_a_draining_worker_finishes_its_job_takes_no_other_and_exits(cluster: Cl
     assert job["lease"] is None
     assert ran_on(cluster, waiting) == cluster.registry_id(other)
     assert drained_id not in {w["id"] for w in cluster.api.get("/workers")["items"]}
+    # Both ran on one host: the drain's control message reached only the drained worker.
+    assert "Canceling queue" in draining.tail(100_000)
+    assert "Canceling queue" not in other.tail(100_000)
     other.kill()
+
+
+def test_a_store_outage_while_a_job_trains_loses_no_job_and_no_artifact(
+    cluster: Cluster,
+) -> None:
+    worker = cluster.worker()
+    job_id = cluster.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
+    cluster.api.wait(job_id, lambda j: j["status"] == "running")
+    cluster.s3.stop()  # the upload of its next file fails, after botocore's retries
+    try:
+        handed_back = cluster.api.wait(job_id, lambda j: j["status"] != "running", timeout=120)
+    finally:
+        cluster.s3.start()
+    assert (handed_back["status"], handed_back["attempt"]) == ("queued", 1), handed_back
+    job = cluster.api.wait_finished(job_id, timeout=180)
+    assert job["status"] == "succeeded" and job["attempt"] >= 2, job["error"]
+    # Every recorded artifact is a whole object: rows were written only after their upload.
+    for artifact in cluster.api.get(f"/jobs/{job_id}/artifacts")["items"]:
+        body = cluster.api.http.get(f"{cluster.api.base}{artifact['url']}", timeout=30)
+        assert hashlib.sha256(body.content).hexdigest() == artifact["sha256"], artifact["name"]
+    assert "artifact store unavailable, requeueing" in worker.tail(100_000)
+    worker.kill()
