@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.jobs import FieldError, InvalidJobRequest, Loc, scoped_key
+from shared.lease import _changed_one
 from shared.models import Job, JobStatus, Metric, Sweep, SweepStatus, utcnow
 from shared.schemas import JOB_ID_PATTERN, Hyperparameters
 from shared.sweep_schemas import MAX_TRIALS, ParameterSpec, SweepCreate
@@ -221,19 +222,19 @@ def request_cancel(session: Session, sweep_id: str, *, owner_id: int | None = No
     get_sweep(session, sweep_id, owner_id=owner_id)
     # The sweep row first: on PostgreSQL its lock orders this against a controller adding a
     # trial, so a trial committed just before is cancelled below and none comes after.
-    ended = session.execute(
+    ended = _changed_one(
+        session,
         update(Sweep)
         .where(Sweep.id == sweep_id, Sweep.status == SweepStatus.RUNNING)
-        .values(status=SweepStatus.CANCELLED, finished_at=utcnow(), lease_token=None)
-        .execution_options(synchronize_session=False)
+        .values(status=SweepStatus.CANCELLED, finished_at=utcnow(), lease_token=None),
     )
-    if ended.rowcount == 1:  # type: ignore[attr-defined]
+    if ended:
         stop_trials(session, sweep_id)
     session.commit()
     sweep = session.get(Sweep, sweep_id, populate_existing=True)
     if sweep is None:
         raise SweepNotFound(f"no sweep with id {sweep_id!r}")
-    if ended.rowcount != 1:  # type: ignore[attr-defined]
+    if not ended:
         raise SweepConflict(
             f"sweep {sweep_id} is {sweep.status}; only a running sweep can be cancelled"
         )
