@@ -267,7 +267,7 @@ class ComponentHealthOut(BaseModel):
     """Whether one dependency answered."""
 
     ok: bool
-    error: str | None = None
+    error: str | None = Field(None, description="'unreachable' when down; the reason is logged")
 
 
 class HealthOut(BaseModel):
