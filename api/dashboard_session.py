@@ -111,7 +111,10 @@ def check_csrf() -> None:
         return
     expected = session.get(CSRF_KEY)
     sent = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD, "")
-    if not isinstance(expected, str) or not hmac.compare_digest(expected, sent):
+    # Bytes, not str: compare_digest raises on a str that is not ASCII, and anyone may send one.
+    if not isinstance(expected, str) or not hmac.compare_digest(
+        expected.encode(), sent.encode(errors="replace")
+    ):
         raise ApiError(
             400, "csrf_failed", "the form is stale or was not sent by this dashboard; reload it"
         )

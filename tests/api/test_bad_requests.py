@@ -36,6 +36,8 @@ class Bad:
     headers: dict[str, str] = field(default_factory=dict)
     locs: tuple[tuple[str | int, ...], ...] = ()  # every one must be named in details
     auth: str | None = ADMIN  # the Authorization header; None sends none
+    max_bytes: int = 8192  # the error must stay this short, whatever the request's size
+    prime: str | None = None  # a page to GET first (it gives the session a CSRF token)
 
 
 def post(body: Any, status: int, error: str, *locs: tuple[str | int, ...]) -> Bad:
@@ -50,7 +52,9 @@ def auth(header: str | None, error: str = "invalid_token", path: str = JOBS) -> 
 
 
 HP = ("body", "hyperparameters")
+NAME = ("body", "name")
 INVALID = "validation_error"
+FORM = "application/x-www-form-urlencoded"
 
 CASES: dict[str, Bad] = {
     "no token": auth(None, "authentication_required"),
@@ -113,6 +117,42 @@ CASES: dict[str, Bad] = {
     "name with NUL": post({"name": "a\u0000b"}, 422, INVALID, ("body", "name")),
     "name lone surrogate": post('{"name": "\\ud800"}', 422, INVALID, ("body", "name")),
     "name as object": post({"name": {"a": 1}}, 422, INVALID, ("body", "name")),
+    "name with bidi override": post({"name": "invoice\u202etxt.exe"}, 422, INVALID, NAME),
+    "name with bidi isolate": post({"name": "a\u2066b\u2069"}, 422, INVALID, NAME),
+    "name with zero-width space": post({"name": "ad\u200bmin"}, 422, INVALID, NAME),
+    "name with zero-width joiner": post({"name": "a\u200db"}, 422, INVALID, NAME),
+    "name with byte order mark": post({"name": "\ufeffname"}, 422, INVALID, NAME),
+    "name with line separator": post({"name": "one\u2028two"}, 422, INVALID, NAME),
+    "name with paragraph separator": post({"name": "one\u2029two"}, 422, INVALID, NAME),
+    "name with escape sequence": post({"name": "\x1b[31mred"}, 422, INVALID, NAME),
+    "3000 unknown keys": post(
+        {f"k{i:04}": 1 for i in range(3000)}, 422, INVALID, ("body", "k0000"), ("body", "k0019")
+    ),
+    "3000 unknown hyperparameters": post(
+        {"hyperparameters": {f"h{i:04}": 1 for i in range(3000)}}, 422, INVALID, (*HP, "h0000")
+    ),
+    "one 60 kB unknown key": Bad("POST", JOBS, 422, INVALID, json.dumps({"k" * 60_000: 1})),
+    "non-ASCII CSRF header": Bad(
+        "POST",
+        "/ui/signin",
+        400,
+        "csrf_failed",
+        "token=x",
+        FORM,
+        headers={"X-CSRF-Token": "\u00e9t\u00e9"},
+        auth=None,
+        prime="/ui/signin",
+    ),
+    "non-ASCII CSRF field": Bad(
+        "POST",
+        "/ui/signin",
+        400,
+        "csrf_failed",
+        "token=x&csrf_token=%C3%A9%E2%9C%93",
+        FORM,
+        auth=None,
+        prime="/ui/signin",
+    ),
     "unknown device": post({"device": "tpu"}, 422, INVALID, ("body", "device")),
     "device conflict": post(
         {"device": "cuda", "hyperparameters": {"device": "cpu"}}, 422, INVALID, ("body", "device")
@@ -227,8 +267,11 @@ def test_bad_request_gets_a_json_error(
         )
     if case.content_type is not None:
         headers["Content-Type"] = case.content_type
+    if case.prime is not None:
+        assert client.get(case.prime).status_code == 200
     response = client.open(case.path, method=case.method, data=case.body, headers=headers)
     assert response.status_code == case.status, response.get_data(as_text=True)[:500]
+    assert len(response.get_data()) <= case.max_bytes
     body = response.get_json()
     assert body["error"] == case.error
     assert isinstance(body["message"], str) and body["message"]

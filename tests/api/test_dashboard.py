@@ -84,11 +84,37 @@ def test_sign_in_with_a_bad_token_is_refused(app: Flask) -> None:
     assert client.get("/ui/").status_code == 302
 
 
-def test_sign_in_never_redirects_off_site(app: Flask, admin: Caller) -> None:
+# Hostile sign-in targets (URL-encoded as sent): each must land on the dashboard, never off
+# site and never as a 500. Browsers drop tabs and newlines, so "/\t/evil" is "//evil".
+OFF_SITE_NEXT = {
+    "protocol-relative": "//evil.example/x",
+    "tab then slash": "/%09/evil.example",
+    "newline then slash": "/%0A/evil.example",
+    "CR then slash": "/%0D/evil.example",
+    "header injection": "/%0D%0ASet-Cookie:%20a=b",
+    "backslash": "/%5Cevil.example",
+    "slash backslash": "%5C%5Cevil.example",
+    "absolute URL": "https://evil.example/",
+    "scheme only": "javascript:alert(1)",
+    "leading space": "%20//evil.example",
+    "NUL": "/ui/%00",
+}
+
+
+@pytest.mark.parametrize("target", OFF_SITE_NEXT.values(), ids=OFF_SITE_NEXT.keys())
+def test_sign_in_never_redirects_off_site(app: Flask, admin: Caller, target: str) -> None:
     client = app.test_client()
     data = {"token": admin.token, "csrf_token": csrf_of(client)}
-    response = client.post("/ui/signin?next=//evil.example/x", data=data)
+    response = client.post(f"/ui/signin?next={target}", data=data)
+    assert response.status_code == 302
     assert response.headers["Location"] == "/ui/"
+
+
+def test_sign_in_keeps_a_local_target_with_its_query(app: Flask, admin: Caller) -> None:
+    client = app.test_client()
+    data = {"token": admin.token, "csrf_token": csrf_of(client)}
+    response = client.post("/ui/signin?next=/ui/compare%3Fjob%3Da%26job%3Db", data=data)
+    assert response.headers["Location"] == "/ui/compare?job=a&job=b"
 
 
 @pytest.mark.parametrize("sent", [None, "forged"])
