@@ -76,7 +76,9 @@ def empty_tables(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("TRUNCATE artifact, metric, job, api_token, user_account"))
+            conn.execute(
+                text("TRUNCATE dashboard_session, artifact, metric, job, api_token, user_account")
+            )
     finally:
         engine.dispose()
 
