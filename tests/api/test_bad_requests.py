@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,16 +10,19 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.artifacts import ArtifactStore
 from shared.auth import revoke_token
 from shared.models import ApiToken
+from tests.api.bombs import scan_bomb
 from tests.api.conftest import Caller, add_artifact, add_user, insert_job
 
 JOBS = "/api/v1/jobs"
 JOB_ID = "0123456789abcdef0123456789abcdef"  # an existing job, made by the fixture
+PREDICT = f"{JOBS}/{JOB_ID}/predict"
 # Stand-ins for tokens the fixtures make; any other string is sent as the header itself.
 ADMIN, ALICE, REVOKED = "<admin>", "<alice>", "<revoked>"
 
@@ -38,6 +42,13 @@ class Bad:
     auth: str | None = ADMIN  # the Authorization header; None sends none
     max_bytes: int = 8192  # the error must stay this short, whatever the request's size
     prime: str | None = None  # a page to GET first (it gives the session a CSRF token)
+
+
+def image(picture: Image.Image, fmt: str = "PNG") -> bytes:
+    """``picture`` encoded as ``fmt``."""
+    buffer = io.BytesIO()
+    picture.save(buffer, fmt)
+    return buffer.getvalue()
 
 
 def post(body: Any, status: int, error: str, *locs: tuple[str | int, ...]) -> Bad:
@@ -226,6 +237,20 @@ CASES: dict[str, Bad] = {
     "artifact symlink escaping": Bad(
         "GET", f"{JOBS}/{JOB_ID}/artifacts/leak.txt", 400, "invalid_artifact_name"
     ),
+    "progressive JPEG bomb": Bad(
+        "POST", PREDICT, 413, "image_too_large", scan_bomb(1024, size=100_000), "image/jpeg"
+    ),
+    "PNG header of 30000x30000": Bad(
+        "POST", PREDICT, 413, "image_too_large", image(Image.new("1", (30000, 30000))), "image/png"
+    ),
+    "GIF sent as PNG": Bad(
+        "POST",
+        PREDICT,
+        415,
+        "unsupported_image_format",
+        image(Image.new("L", (9, 9)), "GIF"),
+        "image/png",
+    ),
     "unknown route": Bad("GET", "/api/v1/nothing", 404, "not_found"),
     "wrong method": Bad("DELETE", f"{JOBS}/{JOB_ID}", 405, "method_not_allowed"),
     "GET on cancel": Bad("GET", f"{JOBS}/{JOB_ID}/cancel", 405, "method_not_allowed"),
@@ -237,6 +262,7 @@ def existing_job(sessions: sessionmaker[Session], store: ArtifactStore, tmp_path
     """The job the artifact cases point at, with a recorded artifact that is a symlink out."""
     insert_job(sessions, id=JOB_ID, status="succeeded")
     add_artifact(sessions, store, JOB_ID, "leak.txt", b"placeholder")
+    add_artifact(sessions, store, JOB_ID, "model.pth", b"never loaded: the image is refused first")
     secret = tmp_path / "secret.txt"
     secret.write_text("private")
     link = store.job_dir(JOB_ID) / "leak.txt"
