@@ -74,9 +74,9 @@ def model_bytes() -> bytes:
 def prepare(tmp: Path) -> tuple[dict[str, str], str, str]:
     """A migrated SQLite database with a user and a succeeded job with a model: env, token, job."""
     from api import create_app
-    from shared.artifacts import ArtifactStore
     from shared.config import Settings
     from shared.migrate import upgrade
+    from shared.store import LocalStore
 
     env = {
         "MNISTQ_DATABASE_URL": f"sqlite:///{tmp / 'mnistq.db'}",
@@ -93,7 +93,7 @@ def prepare(tmp: Path) -> tuple[dict[str, str], str, str]:
     sessions = create_app(settings, publish=lambda job, queue: None).extensions[SESSIONS_KEY]
     caller = add_user(sessions, "bench")
     job_id = insert_job(sessions, status="succeeded", n_epochs=1, owner_id=caller.id)
-    add_artifact(sessions, ArtifactStore(settings.artifact_dir), job_id, "model.pth", model_bytes())
+    add_artifact(sessions, LocalStore(settings.artifact_dir), job_id, "model.pth", model_bytes())
     return env, caller.token, job_id
 
 

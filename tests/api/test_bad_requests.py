@@ -14,9 +14,9 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.artifacts import ArtifactStore
 from shared.auth import revoke_token
 from shared.models import ApiToken
+from shared.store import LocalStore
 from tests.api.bombs import scan_bomb
 from tests.api.conftest import Caller, add_artifact, add_user, insert_job
 
@@ -258,14 +258,14 @@ CASES: dict[str, Bad] = {
 
 
 @pytest.fixture
-def existing_job(sessions: sessionmaker[Session], store: ArtifactStore, tmp_path: Path) -> str:
+def existing_job(sessions: sessionmaker[Session], store: LocalStore, tmp_path: Path) -> str:
     """The job the artifact cases point at, with a recorded artifact that is a symlink out."""
     insert_job(sessions, id=JOB_ID, status="succeeded")
     add_artifact(sessions, store, JOB_ID, "leak.txt", b"placeholder")
     add_artifact(sessions, store, JOB_ID, "model.pth", b"never loaded: the image is refused first")
     secret = tmp_path / "secret.txt"
     secret.write_text("private")
-    link = store.job_dir(JOB_ID) / "leak.txt"
+    link = (store.root / JOB_ID) / "leak.txt"
     link.unlink()
     link.symlink_to(secret)
     return JOB_ID

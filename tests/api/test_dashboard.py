@@ -19,12 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import create_app
 from api.dashboard_session import secret_key
 from api.db import ENGINE_KEY, SESSIONS_KEY
-from shared.artifacts import ArtifactStore
 from shared.auth import revoke_token
 from shared.lease import as_utc
 from shared.models import ApiToken, DashboardSession, Job, utcnow
 from shared.schemas import Hyperparameters
 from shared.sessions import hash_session_id
+from shared.store import LocalStore
 from tests.api.conftest import (
     Caller,
     RecordingPublisher,
@@ -167,7 +167,7 @@ def test_a_revoked_token_ends_its_sessions(
 
 
 def test_pages_render_with_the_strict_policy(
-    browser: FlaskClient, sessions: sessionmaker[Session], store: ArtifactStore
+    browser: FlaskClient, sessions: sessionmaker[Session], store: LocalStore
 ) -> None:
     job_id = insert_job(sessions, name="done", status="succeeded", test_accuracy=0.95)
     add_artifact(sessions, store, job_id, "loss_curve.png", b"\x89PNG")

@@ -1,7 +1,7 @@
 """Dashboard sessions: a row per signed-in browser, so sign-out and revocation end it.
 
 Revision ID: 0007
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-01
 """
 
@@ -14,7 +14,7 @@ from alembic import op
 
 revision: str = "0007"
 # The newest revision on this branch; re-chained after the newest of main when merging.
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
