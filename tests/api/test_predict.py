@@ -308,11 +308,20 @@ def test_a_jpeg_with_too_many_scans_is_refused_before_it_is_decoded() -> None:
 def test_a_bomb_past_every_check_is_stopped_by_the_childs_cpu_limit() -> None:
     """The scan cap lifted: the child's hard CPU limit still ends the decode, not the API."""
     bomb = scan_bomb(4096, scans=3000)  # a few seconds of CPU to decode in full
-    decoder = IsolatedDecoder(DecodeLimits(max_jpeg_scans=10**6, cpu_seconds=1, wall_seconds=10))
+    # A wall limit far away: the kernel's CPU limit (SIGXCPU) is what stops this child.
+    decoder = IsolatedDecoder(DecodeLimits(max_jpeg_scans=10**6, cpu_seconds=1, wall_seconds=60))
     assert decoder.decode(DIGIT) == decode(DIGIT)
-    with pytest.raises(ImageTooLarge, match="takes more than 1 s"):
+    with pytest.raises(ImageTooLarge, match="more than 1 s of CPU"):
         decoder.decode(bomb)
     assert decoder.decode(DIGIT) == decode(DIGIT)  # a fresh child took the killed one's place
+
+
+def test_a_bomb_past_every_check_is_stopped_by_the_wall_limit_too() -> None:
+    bomb = scan_bomb(4096, scans=3000)
+    decoder = IsolatedDecoder(DecodeLimits(max_jpeg_scans=10**6, cpu_seconds=60, wall_seconds=0.5))
+    with pytest.raises(ImageTooLarge, match=r"takes more than 0\.5 s"):
+        decoder.decode(bomb)
+    assert decoder.decode(DIGIT) == decode(DIGIT)
 
 
 def test_decoded_bytes_are_capped_for_every_format() -> None:

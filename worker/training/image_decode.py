@@ -294,11 +294,17 @@ class IsolatedDecoder:
             header, data = child.ask(image_bytes, time.monotonic() + self.limits.wall_seconds)
         except TimeoutError as exc:
             child.stop()
-            raise ImageTooLarge(_too_slow(self.limits)) from exc
+            raise ImageTooLarge(
+                f"the image takes more than {self.limits.wall_seconds:g} s to decode "
+                "(a decoder bomb, or a very busy server)"
+            ) from exc
         except _ChildDied as exc:
             status = child.stop()
-            if status < 0:  # SIGXCPU at its CPU limit, or SIGKILL
-                raise ImageTooLarge(_too_slow(self.limits)) from exc
+            if status < 0:  # SIGXCPU at its CPU limit, or SIGKILL (out of memory)
+                raise ImageTooLarge(
+                    f"the image needs more than {self.limits.cpu_seconds} s of CPU or "
+                    f"{self.limits.memory_bytes // 2**20} MiB to decode (a decoder bomb)"
+                ) from exc
             raise DecoderUnavailable(f"the image decoder ended with status {status}") from exc
         if "error" in header:
             child.stop()
@@ -330,10 +336,6 @@ def decode_isolated(image_bytes: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -
 @functools.cache
 def _decoder(limits: DecodeLimits) -> IsolatedDecoder:
     return IsolatedDecoder(limits)
-
-
-def _too_slow(limits: DecodeLimits) -> str:
-    return f"the image takes more than {limits.cpu_seconds} s to decode (a decoder bomb)"
 
 
 def _answer(out: BinaryIO, header: dict[str, object], data: bytes = b"") -> None:
