@@ -111,7 +111,7 @@ def get(job_id: str) -> ResponseReturnValue:
     summary="Change a queued job",
     body=JobPatch,
     responses={200: JobOut},
-    errors=(404, 409, 422, 503),
+    errors=(400, 404, 409, 413, 422, 503),
 )
 def patch(job_id: str) -> ResponseReturnValue:
     """Set a queued job's priority; 409 once it runs or has finished."""
