@@ -10,9 +10,9 @@ import math
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.schemas import MAX_PRIORITY, MIN_PRIORITY, Hyperparameters, JobOut, _printable
+from shared.schemas import MAX_PRIORITY, MIN_PRIORITY, Hyperparameters, JobOut, Name
 
 SweepMethod = Literal["grid", "random", "tpe"]
 SweepStatusName = Literal["running", "completed", "failed", "cancelled"]
@@ -182,7 +182,7 @@ class SweepCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    name: str | None = Field(None, max_length=200, description="a label for people")
+    name: Name | None = Field(None, description="a label for people")
     method: SweepMethod
     metric: SweepMetric = Field(default_factory=SweepMetric)
     parameters: dict[str, ParameterSpec] = Field(min_length=1, max_length=20)
@@ -190,8 +190,6 @@ class SweepCreate(BaseModel):
     budget: SweepBudget = Field(default_factory=SweepBudget)
     early_terminate: EarlyTerminate | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds the sampler")
-
-    _check_name = field_validator("name")(_printable)
 
 
 class ListSweepsQuery(BaseModel):

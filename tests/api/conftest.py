@@ -77,9 +77,10 @@ def empty_tables(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
         with engine.begin() as conn:
-            conn.execute(
-                text("TRUNCATE artifact, metric, job, sweep, api_token, user_account, worker")
+            tables = (
+                "dashboard_session, artifact, metric, job, sweep, api_token, user_account, worker"
             )
+            conn.execute(text(f"TRUNCATE {tables}"))
     finally:
         engine.dispose()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -13,7 +14,7 @@ from tests.integration.test_worker import Stack
 pytestmark = [pytest.mark.integration, pytest.mark.mnist]
 
 SWEEP_TIMEOUT_MS = 120_000
-TWO_CELLS = {
+TWO_CELLS: dict[str, Any] = {
     "name": "browser grid",
     "method": "grid",
     "parameters": {"learning_rate": {"values": [0.05, 0.02]}, "n_epochs": {"value": 1}},
