@@ -76,7 +76,7 @@ def empty_tables(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("TRUNCATE artifact, metric, job, api_token, user_account"))
+            conn.execute(text("TRUNCATE webhook_attempt, webhook_delivery, webhook_endpoint, job_event, artifact, metric, job, api_token, user_account"))
     finally:
         engine.dispose()
 
