@@ -22,8 +22,10 @@ from celery.signals import (
 
 from shared.celery_app import make_celery
 from shared.config import Settings
+from shared.db import make_session_factory
+from worker.maintenance import MaintenanceLoop
 from worker.registry import RegistryBeat
-from worker.tasks import SHUTDOWN, make_context, register_tasks
+from worker.tasks import SHUTDOWN, make_context, make_worker_engine, register_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ register_tasks(app, context)
 registry = RegistryBeat(settings)
 
 _controller: list[Any] = []
+_maintenance: list[MaintenanceLoop] = []
 
 
 @worker_init.connect
@@ -70,6 +73,13 @@ def _child_started(**_: Any) -> None:
 def _register(sender: Any = None, **_: Any) -> None:
     """Tell the registry (and so the API) this worker is alive and which queues it serves."""
     registry.start(sender.hostname, app.amqp.queues.consume_from.keys(), _concurrency())
+    _start_maintenance()
+
+
+def _start_maintenance() -> None:
+    """The reaper and the other periodic duties, in this main process: no beat, no extra process."""
+    factory = make_session_factory(make_worker_engine(settings))
+    _maintenance[:] = [MaintenanceLoop(settings, factory, context.publish).start()]
 
 
 @task_prerun.connect
@@ -90,3 +100,5 @@ def _tell_children(**_: Any) -> None:
             os.kill(pid, HAND_BACK_SIGNAL)
     # From now on this worker takes no new job: the API must not count it as serving.
     registry.stop()
+    for loop in _maintenance:
+        loop.stop()

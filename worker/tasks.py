@@ -339,15 +339,11 @@ def _hand_back(ctx: WorkerContext, lease: Lease) -> str:
 
 
 def register_tasks(app: Celery, ctx: WorkerContext) -> None:
-    """Register ``mnistq.train`` (and the reaper's task) on ``app``, bound to ``ctx``."""
-    from worker.reaper import register_reap_task
-
+    """Register ``mnistq.train`` on ``app``, bound to ``ctx``."""
     @app.task(name=TRAIN_TASK, ignore_result=True, acks_late=True)
     def train(job_id: str) -> str:
         """Run job ``job_id`` if it is still queued."""
         return run_job(ctx, job_id)
-
-    register_reap_task(app, ctx)
 
 
 def make_context(settings: Settings, app: Celery) -> WorkerContext:

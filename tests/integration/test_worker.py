@@ -42,16 +42,12 @@ ACCURATE = {"batch_size_train": 128, "optimizer": "adam", "learning_rate": 0.003
 
 
 class Stack:
-    """API, a cpu worker and a maintenance worker running beat (the reaper), sharing env."""
+    """API and a cpu worker (whose main process also reaps), sharing env."""
 
     def __init__(self, env: dict[str, str], logs: Path) -> None:
         self.env, self.logs = env, logs
         self.api = Api(env, logs / "api.log")
         self.worker = self.new_worker()
-        self.reaper = Process(
-            ["worker", "--queues", "maintenance", "--beat", "--loglevel", "WARNING"],
-            env, logs / "reaper.log",
-        )  # fmt: skip
         settings = Settings(
             broker_url=env["MNISTQ_BROKER_URL"], var_dir=Path(env["MNISTQ_VAR_DIR"])
         )
@@ -102,9 +98,8 @@ def stack(
     system = Stack(env, var)
     system.api.start()
     system.worker.start()
-    system.reaper.start()
     yield system
-    for process in (system.worker, system.reaper, system.api.process):
+    for process in (system.worker, system.api.process):
         process.kill()
     system.engine.dispose()
 
