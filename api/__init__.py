@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from flask import Flask
+from typing import TYPE_CHECKING
 
-from api.extensions import Publish, Services
-from shared.artifacts import ArtifactStore
-from shared.celery_app import celery_publisher
-from shared.config import Settings, get_settings
+# Nothing is imported with the package itself: gunicorn's master loads api.serving (the
+# worker class) before its workers monkey-patch the standard library for gevent, and
+# sockets, psycopg and Celery must be imported only after that.
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from api.extensions import Publish
+    from shared.config import Settings
 
 
 def create_app(settings: Settings | None = None, *, publish: Publish | None = None) -> Flask:
     """Build the API for ``settings`` (default: from the environment); tests pass ``publish``."""
+    from flask import Flask
+
     from api import (
         artifacts,
         auth,
@@ -19,6 +25,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
         db,
         docs,
         errors,
+        events,
         extensions,
         health,
         jobs,
@@ -28,6 +35,10 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
         security,
         users,
     )
+    from api.extensions import Services
+    from shared.artifacts import ArtifactStore
+    from shared.celery_app import celery_publisher
+    from shared.config import get_settings
 
     settings = settings or get_settings()
     app = Flask(__name__)
@@ -44,6 +55,8 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     limits.init_app(app, settings)
     security.init_app(app, settings)
     dashboard.init_app(app, settings)
-    for blueprint in (jobs.bp, artifacts.bp, health.bp, users.bp, openapi.bp, docs.bp, predict.bp):
+    blueprints = (jobs.bp, artifacts.bp, events.bp, health.bp, users.bp, openapi.bp, docs.bp,
+                  predict.bp)  # fmt: skip
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     return app

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import (
+    ClientDisconnected,
     HTTPException,
     MethodNotAllowed,
     RequestEntityTooLarge,
@@ -118,6 +119,15 @@ def _broker_down(exc: BrokerUnavailable) -> Response:
     return error_response(503, "broker_unavailable", "the message broker is not reachable")
 
 
+def _slow_body(exc: Exception) -> Response:
+    # A read of the body waited longer than body_timeout_seconds (api/serving.py); werkzeug
+    # reports it as ClientDisconnected, as it does a client that went away.
+    logger.info("request body timed out: %r", exc)
+    response = error_response(408, "request_timeout", "the request body did not arrive in time")
+    response.headers["Connection"] = "close"  # the rest of the body would read as a request
+    return response
+
+
 def _unexpected(exc: Exception) -> Response:
     logger.exception("unhandled error")
     return error_response(500, "internal_error", "an unexpected error occurred; it was logged")
@@ -153,4 +163,6 @@ def init_app(app: Flask) -> None:
     for db_error in (OperationalError, InterfaceError, PoolTimeout):
         app.register_error_handler(db_error, _database_down)
     app.register_error_handler(BrokerUnavailable, _broker_down)
+    app.register_error_handler(ClientDisconnected, _slow_body)
+    app.register_error_handler(TimeoutError, _slow_body)
     app.register_error_handler(Exception, _unexpected)

@@ -71,12 +71,16 @@ def migrated_postgres(postgres_database: Callable[[], str]) -> str:
     return url
 
 
+TABLES = ("webhook_attempt", "webhook_delivery", "webhook_endpoint", "job_event", "artifact",
+          "metric", "job", "api_token", "user_account")  # fmt: skip
+
+
 def empty_tables(database_url: str) -> None:
     """Delete every row, keeping the schema."""
     engine = make_engine(database_url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("TRUNCATE webhook_attempt, webhook_delivery, webhook_endpoint, job_event, artifact, metric, job, api_token, user_account"))
+            conn.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
     finally:
         engine.dispose()
 
