@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import queue
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any
+from dataclasses import dataclass
 
 from flask import Blueprint, Response, current_app, request
 from flask.typing import ResponseReturnValue
@@ -18,23 +16,21 @@ from api.auth import owner_scope
 from api.db import SESSIONS_KEY, get_session
 from api.errors import field_error, validation_failed
 from api.extensions import services
+from api.feed import BATCH, Feed, Item, Subscription, item
 from api.inputs import query_args
 from api.openapi import operation
 from api.serialize import dump, utc
 from shared import events
 from shared.config import Settings
 from shared.jobs import get_job
-from shared.models import EventKind, Job, JobEvent, JobStatus, utcnow
+from shared.models import Job, JobEvent, JobStatus
 from shared.schemas import MAX_EVENT_ID, EventsQuery, LogLineOut, LogPageOut, LogQuery
 
 bp = Blueprint("events", __name__, url_prefix="/api/v1")
 
 STREAM_MEDIA = ("text/event-stream",)
 LAST_EVENT_ID = "Last-Event-ID"
-BATCH = 500
-# Events of different jobs may commit out of id order; the all-jobs stream looks back
-# this far so that a row committed late is still sent (once).
-SETTLE = timedelta(seconds=5)
+END = "event: end\ndata: {}\n\n"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -107,7 +103,7 @@ def job_stream(job_id: str) -> ResponseReturnValue:
     """status, progress, metric and log events of one job from the start; ``end`` at the end."""
     session = get_session()
     job = get_job(session, job_id, owner_id=owner_scope())
-    stream = Stream(_factory(), services().settings, after=_start_after(0), job_id=job.id)
+    stream = Stream(_feed(), services().settings, after=_start_after(0), job_id=job.id)
     return _sse(stream)
 
 
@@ -122,85 +118,86 @@ def job_stream(job_id: str) -> ResponseReturnValue:
 def all_stream() -> ResponseReturnValue:
     """Events of every job the caller may see, from now (or after ``Last-Event-ID``)."""
     start = _start_after(events.last_event_id(get_session()))
-    stream = Stream(_factory(), services().settings, after=start, owner_id=owner_scope())
+    stream = Stream(_feed(), services().settings, after=start, owner_id=owner_scope())
     return _sse(stream)
 
 
-def _factory() -> sessionmaker[Session]:
-    factory: sessionmaker[Session] = current_app.extensions[SESSIONS_KEY]
-    return factory
+FEED_KEY = "mnistq.feed"
+
+
+def _feed() -> Feed:
+    """The app's event feed, made on first use (in the serving process, after any fork)."""
+    found: Feed | None = current_app.extensions.get(FEED_KEY)
+    if found is None:
+        factory: sessionmaker[Session] = current_app.extensions[SESSIONS_KEY]
+        made = Feed(factory, services().settings.events_poll_seconds)
+        found = current_app.extensions.setdefault(FEED_KEY, made)
+    return found
 
 
 def _sse(stream: Stream) -> Response:
     # Not stream_with_context: the request's session is closed once the view returns, so an
-    # open stream holds no database connection between its polls.
+    # open stream holds no database connection while it waits.
     return Response(stream.frames(), mimetype="text/event-stream", headers=STREAM_HEADERS)
-
-
-def frame(event: JobEvent) -> str:
-    """One event in the SSE wire format; ``data`` is one line of JSON."""
-    payload: dict[str, Any] = {
-        "job_id": event.job_id, "time": utc(event.created_at).isoformat(),
-        "attempt": event.attempt,
-    }  # fmt: skip
-    if event.kind == EventKind.LOG:
-        payload.update(seq=event.id, message=event.message)
-    else:
-        payload.update(event.data or {})
-    data = json.dumps(payload, separators=(",", ":"))
-    return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n"
 
 
 @dataclass
 class Stream:
-    """One open stream: polls the database for events after the last one it sent."""
+    """One open stream: its backlog from the database, then what the feed hands it."""
 
-    factory: sessionmaker[Session]
+    feed: Feed
     settings: Settings
     after: int
     job_id: str | None = None
     owner_id: int | None = None
-    sent: set[int] = field(default_factory=set)
+
+    def wants(self, new: Item) -> bool:
+        """The stream's job's events, or its owner's (None: an admin, everything)."""
+        if self.job_id is not None:
+            return new.job_id == self.job_id
+        return self.owner_id is None or new.owner_id == self.owner_id
 
     def frames(self) -> Iterator[str]:
         """The stream's text: a retry hint, events as they come, keep-alives, ``end``."""
-        yield "retry: 2000\n\n"
-        deadline = time.monotonic() + self.settings.events_stream_seconds
-        quiet_since = time.monotonic()
-        while time.monotonic() < deadline:
-            batch, finished = self._poll()
-            for event in batch:
-                yield frame(event)
-            if batch:
-                quiet_since = time.monotonic()
-            if finished and len(batch) < BATCH:
-                yield "event: end\ndata: {}\n\n"
+        sub = self.feed.subscribe(self.wants)  # before the backlog, so nothing falls between
+        try:
+            yield "retry: 2000\n\n"
+            backlog, finished = self._backlog()
+            sent = {new.id for new in backlog}
+            yield from (new.frame for new in backlog)
+            if finished:
+                yield END
                 return
-            if time.monotonic() - quiet_since >= self.settings.events_keepalive_seconds:
+            yield from self._follow(sub, sent)
+        finally:
+            self.feed.unsubscribe(sub)
+
+    def _follow(self, sub: Subscription, sent: set[int]) -> Iterator[str]:
+        deadline = time.monotonic() + self.settings.events_stream_seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                new = sub.items.get(timeout=min(left, self.settings.events_keepalive_seconds))
+            except queue.Empty:
                 yield ": keep-alive\n\n"
-                quiet_since = time.monotonic()
-            time.sleep(self.settings.events_poll_seconds)
+                continue
+            if new is None:
+                return  # fell behind: the client resumes from the database
+            if new.id in sent or (self.job_id is not None and new.id <= self.after):
+                continue
+            yield new.frame
+            if new.ends_job and self.job_id is not None:
+                yield END
+                return
 
-    def _poll(self) -> tuple[list[JobEvent], bool]:
-        """New events, and whether the (one) job is finished with all of them read."""
-        with self.factory() as session:
-            if self.job_id is not None:
-                finished = _finished(session, self.job_id)  # before the events, see logs()
-                batch = events.events_after(
-                    session, after=self.after, job_id=self.job_id, limit=BATCH
-                )
-                if batch:
-                    self.after = batch[-1].id
-                return batch, finished
-            return self._poll_all(session), False
-
-    def _poll_all(self, session: Session) -> list[JobEvent]:
-        rows = events.events_after(session, after=self.after, owner_id=self.owner_id, limit=BATCH)
-        fresh = [e for e in rows if e.id not in self.sent]
-        self.sent.update(e.id for e in fresh)
-        # Move the window's start past events old enough that nothing can commit below them.
-        settled = [e.id for e in rows if utc(e.created_at) < utcnow() - SETTLE]
-        if settled or len(rows) == BATCH:
-            self.after = max([*settled, rows[-1].id if len(rows) == BATCH else 0, self.after])
-            self.sent = {i for i in self.sent if i > self.after}
-        return fresh
+    def _backlog(self) -> tuple[list[Item], bool]:
+        """Events after ``after`` in the database, and whether the (one) job is finished."""
+        found: list[Item] = []
+        with self.feed.factory() as session:
+            finished = self.job_id is not None and _finished(session, self.job_id)
+            while batch := events.events_after(
+                session, after=self.after, job_id=self.job_id, owner_id=self.owner_id,
+                limit=BATCH,
+            ):  # fmt: skip
+                found += [item(e, self.owner_id) for e in batch]
+                self.after = batch[-1].id
+        return found, finished

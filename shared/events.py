@@ -63,9 +63,10 @@ def status_changed(session: Session, job_id: str, reason: str, message: str) -> 
         "error": row.error_message, "test_loss": row.test_loss,
         "test_accuracy": row.test_accuracy,
     }  # fmt: skip
+    # The line first: a stream that ends at a finished status has sent the job's last line.
     append(session, job_id, [
-        NewEvent(kind=EventKind.STATUS, data=data, reason=reason),
         line(message, reason=reason),
+        NewEvent(kind=EventKind.STATUS, data=data, reason=reason),
     ])  # fmt: skip
 
 

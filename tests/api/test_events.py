@@ -98,18 +98,18 @@ def test_a_finished_jobs_stream_replays_everything_then_ends(
     assert response.mimetype == "text/event-stream"
     assert response.headers["Cache-Control"] == "no-cache"
     got = frames(response.get_data(as_text=True))
-    assert [f["event"] for f in got] == ["log", "metric", "progress", "status", "log", "end"]
+    assert [f["event"] for f in got] == ["log", "metric", "progress", "log", "status", "end"]
     ids = [int(f["id"]) for f in got[:-1]]
     assert ids == sorted(ids) and len(set(ids)) == 5
     assert got[0]["data"]["message"].startswith("Train Epoch: 1 [0/60000 (0%)]")
     assert got[0]["data"]["seq"] == ids[0] and got[0]["data"]["job_id"] == job_id
     assert got[2]["data"]["fraction"] == 0.5
-    assert got[3]["data"]["status"] == "succeeded" and got[3]["data"]["finished"] is True
+    assert got[4]["data"]["status"] == "succeeded" and got[4]["data"]["finished"] is True
     # A reconnect with the last id it saw gets only what came after.
     again = client.get(f"/api/v1/jobs/{job_id}/events", headers={"Last-Event-ID": str(ids[2])})
-    assert [f["event"] for f in frames(again.get_data(as_text=True))] == ["status", "log", "end"]
+    assert [f["event"] for f in frames(again.get_data(as_text=True))] == ["log", "status", "end"]
     query = client.get(f"/api/v1/jobs/{job_id}/events?after={ids[3]}")
-    assert [f["event"] for f in frames(query.get_data(as_text=True))] == ["log", "end"]
+    assert [f["event"] for f in frames(query.get_data(as_text=True))] == ["status", "end"]
 
 
 def test_an_open_stream_sends_new_events_and_keep_alives(

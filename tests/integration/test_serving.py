@@ -87,11 +87,11 @@ def api(
 
 
 def health_latencies(api: Api, probes: int = 10) -> list[float]:
-    """Seconds each of ``probes`` health checks took; each must answer 200 within 2 s."""
+    """Seconds each of ``probes`` health checks took; each must answer 200 within 5 s."""
     took = []
     for _ in range(probes):
         start = time.perf_counter()
-        response = requests.get(f"{api.base}/api/v1/health", timeout=2)
+        response = requests.get(f"{api.base}/api/v1/health", timeout=5)
         took.append(time.perf_counter() - start)
         assert response.status_code == 200, response.text
     return took
