@@ -34,11 +34,12 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
         predict,
         security,
         users,
+        workers,
     )
     from api.extensions import Services
-    from shared.artifacts import ArtifactStore
     from shared.celery_app import celery_publisher
     from shared.config import get_settings
+    from shared.store import make_store
 
     settings = settings or get_settings()
     app = Flask(__name__)
@@ -46,7 +47,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     app.json.sort_keys = False  # type: ignore[attr-defined]
     # "//etc/passwd" must reach the artifact route (and its 400), not redirect as HTML.
     app.url_map.merge_slashes = False
-    store = ArtifactStore(settings.artifact_dir)
+    store = make_store(settings)
     services = Services(settings, publish or celery_publisher(settings), store)
     extensions.init_app(app, services)
     db.init_app(app, settings.database_url)
@@ -55,8 +56,10 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     limits.init_app(app, settings)
     security.init_app(app, settings)
     dashboard.init_app(app, settings)
-    blueprints = (jobs.bp, artifacts.bp, events.bp, health.bp, users.bp, openapi.bp, docs.bp,
-                  predict.bp)  # fmt: skip
+    blueprints = (
+        jobs.bp, artifacts.bp, events.bp, health.bp, users.bp, workers.bp, openapi.bp, docs.bp,
+        predict.bp,
+    )  # fmt: skip
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
     return app

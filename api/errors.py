@@ -28,6 +28,8 @@ from shared.jobs import (
     JobNotFound,
     TooManyQueuedJobs,
 )
+from shared.store import StoreUnavailable
+from shared.workers import WorkerNotFound
 
 logger = logging.getLogger(__name__)
 QUEUE_FULL_RETRY_SECONDS = 30  # a guess at when a queued job will have started
@@ -126,6 +128,9 @@ def _slow_body(exc: Exception) -> Response:
     response = error_response(408, "request_timeout", "the request body did not arrive in time")
     response.headers["Connection"] = "close"  # the rest of the body would read as a request
     return response
+def _store_down(exc: StoreUnavailable) -> Response:
+    logger.warning("artifact store unavailable: %s", exc)
+    return error_response(503, "store_unavailable", "the artifact store is not reachable right now")
 
 
 def _unexpected(exc: Exception) -> Response:
@@ -153,6 +158,7 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(JobNotFound, _simple(404, "job_not_found"))
+    app.register_error_handler(WorkerNotFound, _simple(404, "worker_not_found"))
     app.register_error_handler(ArtifactNotFound, _simple(404, "artifact_not_found"))
     app.register_error_handler(InvalidArtifactName, _simple(400, "invalid_artifact_name"))
     app.register_error_handler(JobConflict, _simple(409, "job_state_conflict"))
@@ -165,4 +171,5 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(BrokerUnavailable, _broker_down)
     app.register_error_handler(ClientDisconnected, _slow_body)
     app.register_error_handler(TimeoutError, _slow_body)
+    app.register_error_handler(StoreUnavailable, _store_down)
     app.register_error_handler(Exception, _unexpected)

@@ -99,8 +99,15 @@ def test_stack_shape_matches_the_design(services: dict[str, Any]) -> None:
         # docker-compose 1.x prints volumes in the short form "source:target:mode".
         return {str(v).split(":")[0] for v in services[name].get("volumes", [])}
 
-    assert "artifacts" in mounts("api") & mounts("worker") & mounts("worker-gpu")
-    assert "data" in mounts("worker")
+    # No folder in common: artifacts go to the object store, which api and workers wait for.
+    assert not mounts("api") and "data" in mounts("worker")
+    for name in ("api", "worker", "worker-gpu"):
+        env = services[name]["environment"]
+        assert env["MNISTQ_ARTIFACT_URL"].startswith("s3://"), name
+        assert env["MNISTQ_S3_ENDPOINT_URL"] == "http://seaweedfs:8333", name
+        assert services[name]["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
+    assert "artifacts" not in mounts("worker") | mounts("worker-gpu")
+    assert services["seaweedfs"]["image"].startswith("chrislusf/seaweedfs")
     assert services["worker"]["command"][services["worker"]["command"].index("--queues") + 1]
     gpu = services["worker-gpu"]
     assert "gpu" in gpu["command"]
