@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
         health,
         jobs,
         limits,
+        metrics,
         openapi,
         predict,
         security,
@@ -55,10 +56,11 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     auth.init_app(app)
     limits.init_app(app, settings)
     security.init_app(app, settings)
+    metrics.init_app(app)
     dashboard.init_app(app, settings)
     blueprints = (
         jobs.bp, artifacts.bp, events.bp, health.bp, users.bp, workers.bp, openapi.bp, docs.bp,
-        predict.bp,
+        predict.bp, metrics.bp,
     )  # fmt: skip
     for blueprint in blueprints:
         app.register_blueprint(blueprint)

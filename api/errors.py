@@ -128,6 +128,8 @@ def _slow_body(exc: Exception) -> Response:
     response = error_response(408, "request_timeout", "the request body did not arrive in time")
     response.headers["Connection"] = "close"  # the rest of the body would read as a request
     return response
+
+
 def _store_down(exc: StoreUnavailable) -> Response:
     logger.warning("artifact store unavailable: %s", exc)
     return error_response(503, "store_unavailable", "the artifact store is not reachable right now")

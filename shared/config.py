@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         300.0, gt=0, description="a stream closes after this long; clients reconnect"
     )
 
+    # Prometheus.
+    metrics_public: bool = Field(
+        False, description="GET /metrics without a token; otherwise an admin's token is needed"
+    )
+
     # Prediction from a trained job: images may be larger than other request bodies.
     max_image_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="largest image a prediction request may send"

@@ -666,3 +666,35 @@ def test_soak_sigkill_mid_epoch_2_and_a_restarted_worker_finishes_the_job(
     assert (job["status"], job["attempt"]) == ("succeeded", 2), job["error"]
     assert epochs == [0, 1, 2]
     assert all(a < b for a, b in itertools.pairwise(steps)), steps
+
+
+def test_metrics_parse_and_count_jobs_as_the_database_does(stack: Stack) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+    from sqlalchemy import func
+
+    quick = stack.api.submit({"hyperparameters": {"n_epochs": 1, **QUICK}})["id"]
+    diverging = stack.api.submit({"hyperparameters": {"n_epochs": 1, **QUICK, **DIVERGES}})["id"]
+    waiting = stack.api.submit({"hyperparameters": {"n_epochs": 1, "device": "cuda"}})["id"]
+    stack.api.http.post(f"{stack.api.base}/api/v1/jobs/{waiting}/cancel", timeout=10)
+    ends = {stack.api.wait_finished(job_id)["status"] for job_id in (quick, diverging, waiting)}
+    assert ends == {"succeeded", "failed", "cancelled"}
+    response = stack.api.http.get(f"{stack.api.base}/metrics", timeout=10)
+    assert response.status_code == 200, response.text
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    jobs = {
+        (s.labels["status"], s.labels["queue"]): s.value for s in families["mnistq_jobs"].samples
+    }
+    finished = {s.labels["status"]: s.value for s in families["mnistq_jobs_finished"].samples
+                if s.name.endswith("_total")}  # fmt: skip
+    with stack.db() as session:
+        rows = session.execute(
+            select(Job.status, Job.queue, func.count()).group_by(Job.status, Job.queue)
+        )
+        expected = {(status, queue): count for status, queue, count in rows}
+    assert jobs == expected
+    for status in ("succeeded", "failed", "cancelled"):
+        assert finished[status] == sum(n for (s, _), n in expected.items() if s == status) >= 1
+    # Counted in gunicorn's worker processes (PROMETHEUS_MULTIPROC_DIR), summed at the scrape.
+    polls = [s for s in families["mnistq_http_requests"].samples
+             if s.labels.get("endpoint") == "jobs.get" and s.name.endswith("_total")]  # fmt: skip
+    assert sum(s.value for s in polls) >= 3
