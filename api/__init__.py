@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
         predict,
         security,
         users,
+        webhooks,
         workers,
     )
     from api.extensions import Services
@@ -60,7 +61,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     dashboard.init_app(app, settings)
     blueprints = (
         jobs.bp, artifacts.bp, events.bp, health.bp, users.bp, workers.bp, openapi.bp, docs.bp,
-        predict.bp, metrics.bp,
+        predict.bp, metrics.bp, webhooks.bp,
     )  # fmt: skip
     for blueprint in blueprints:
         app.register_blueprint(blueprint)

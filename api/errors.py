@@ -29,6 +29,7 @@ from shared.jobs import (
     TooManyQueuedJobs,
 )
 from shared.store import StoreUnavailable
+from shared.webhooks import InvalidWebhookUrl, WebhookNotFound
 from shared.workers import WorkerNotFound
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,10 @@ def _store_down(exc: StoreUnavailable) -> Response:
     return error_response(503, "store_unavailable", "the artifact store is not reachable right now")
 
 
+def _invalid_webhook_url(exc: InvalidWebhookUrl) -> Response:
+    return _api_error(validation_failed([field_error(["body", "url"], str(exc))]))
+
+
 def _unexpected(exc: Exception) -> Response:
     logger.exception("unhandled error")
     return error_response(500, "internal_error", "an unexpected error occurred; it was logged")
@@ -171,6 +176,8 @@ def init_app(app: Flask) -> None:
     for db_error in (OperationalError, InterfaceError, PoolTimeout):
         app.register_error_handler(db_error, _database_down)
     app.register_error_handler(BrokerUnavailable, _broker_down)
+    app.register_error_handler(WebhookNotFound, _simple(404, "webhook_not_found"))
+    app.register_error_handler(InvalidWebhookUrl, _invalid_webhook_url)
     app.register_error_handler(ClientDisconnected, _slow_body)
     app.register_error_handler(TimeoutError, _slow_body)
     app.register_error_handler(StoreUnavailable, _store_down)

@@ -72,6 +72,16 @@ class Settings(BaseSettings):
         300.0, gt=0, description="a stream closes after this long; clients reconnect"
     )
 
+    # Webhooks (shared/webhooks.py; sent by every worker's main process).
+    webhook_allow_private: bool = Field(
+        False, description="let endpoints resolve to loopback, private or link-local addresses"
+    )
+    webhook_retry_seconds: tuple[float, ...] = Field(
+        (5, 300, 1800, 7200, 18000, 36000),
+        description="waits after each failed try (7 tries over about 17.5 h by default)",
+    )
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=30, description="per post")
+
     # Prometheus.
     metrics_public: bool = Field(
         False, description="GET /metrics without a token; otherwise an admin's token is needed"

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from shared import webhooks
 from shared.models import EventKind, Job, JobEvent, JobStatus
 
 MAX_PAGE = 1000
@@ -51,7 +52,8 @@ def append(session: Session, job_id: str, events: Sequence[NewEvent]) -> None:
 
 
 def status_changed(session: Session, job_id: str, reason: str, message: str) -> None:
-    """A status event with the job's state as it now is in this transaction, and its line."""
+    """A status event with the job's state as it now is in this transaction, and its line;
+    for an end state, the webhook deliveries of ``job.succeeded`` / ``failed`` / ``cancelled``."""
     row = session.execute(
         select(Job.status, Job.attempt, Job.worker_hostname, Job.error_message,
                Job.test_loss, Job.test_accuracy).where(Job.id == job_id)
@@ -68,6 +70,9 @@ def status_changed(session: Session, job_id: str, reason: str, message: str) -> 
         line(message, reason=reason),
         NewEvent(kind=EventKind.STATUS, data=data, reason=reason),
     ])  # fmt: skip
+    if status.finished:
+        # The webhook outbox, in the same transaction as the change it tells of.
+        webhooks.enqueue_job_finished(session, job_id)
 
 
 def drop_superseded(session: Session, job_id: str, after_epoch: int) -> None:

@@ -424,3 +424,71 @@ class QueueListOut(BaseModel):
     """Every queue."""
 
     items: list[QueueOut]
+
+
+WebhookEventName = Literal["job.succeeded", "job.failed", "job.cancelled", "sweep.completed"]
+
+
+class WebhookCreate(BaseModel):
+    """Body of POST /api/v1/webhooks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=8, max_length=2048, description="http(s) URL events are posted to")
+    events: list[WebhookEventName] = Field(min_length=1, max_length=4)
+    description: str | None = Field(None, max_length=200)
+
+
+class WebhookOut(BaseModel):
+    """A webhook endpoint (its secret is shown only when it is created)."""
+
+    id: str
+    url: str
+    events: list[str]
+    description: str | None
+    created_at: datetime
+    disabled_at: datetime | None = Field(description="set when a receiver answered 410 Gone")
+    disabled_reason: str | None
+
+
+class WebhookCreatedOut(WebhookOut):
+    """A new endpoint with its signing secret: shown this once."""
+
+    secret: str = Field(description="whsec_…: verify each delivery's webhook-signature with it")
+
+
+class WebhookListOut(BaseModel):
+    """The caller's endpoints."""
+
+    items: list[WebhookOut]
+
+
+class WebhookTryOut(BaseModel):
+    """One try of a delivery."""
+
+    number: int
+    time: datetime
+    outcome: Literal["succeeded", "failed", "gone", "refused"]
+    status_code: int | None
+    error: str | None
+    duration_ms: float | None
+
+
+class WebhookDeliveryOut(BaseModel):
+    """One event sent (or being sent) to an endpoint, with every try."""
+
+    id: str = Field(description="the webhook-id header")
+    event_type: str
+    status: Literal["pending", "succeeded", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="when the next try is due, if pending")
+    created_at: datetime
+    finished_at: datetime | None
+    payload: dict[str, Any]
+    tries: list[WebhookTryOut]
+
+
+class WebhookDeliveryListOut(BaseModel):
+    """The endpoint's newest deliveries, newest first."""
+
+    items: list[WebhookDeliveryOut]

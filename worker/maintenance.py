@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
 from worker.reaper import reap_once
+from worker.webhooks import deliver_webhooks
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def reap(settings: Settings, factory: sessionmaker[Session], publish: Publish) -
 
 
 # Every pass runs these in order; a failing duty never stops the others.
-DUTIES: tuple[Duty, ...] = (reap,)
+DUTIES: tuple[Duty, ...] = (reap, deliver_webhooks)
 
 
 def run_pass(
