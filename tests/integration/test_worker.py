@@ -12,14 +12,17 @@ import itertools
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from celery import Celery
 from sqlalchemy import select
+from standardwebhooks import Webhook
 
 from client import events as sse
 from client.events import ServerEvent
@@ -698,3 +701,78 @@ def test_metrics_parse_and_count_jobs_as_the_database_does(stack: Stack) -> None
     polls = [s for s in families["mnistq_http_requests"].samples
              if s.labels.get("endpoint") == "jobs.get" and s.name.endswith("_total")]  # fmt: skip
     assert sum(s.value for s in polls) >= 3
+
+
+class Receiver(BaseHTTPRequestHandler):
+    """A webhook receiver: records each post, answers the codes queued in ``answers``."""
+
+    got: ClassVar[list[tuple[dict[str, str], bytes]]] = []
+    answers: ClassVar[list[int]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(Receiver.answers.pop(0) if Receiver.answers else 200)
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[str]:
+    """A receiver on loopback, its records empty; yields its URL."""
+    Receiver.got, Receiver.answers = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+
+
+def wait_posts(count: int, timeout: float = 30) -> list[tuple[dict[str, str], bytes]]:
+    deadline = time.monotonic() + timeout
+    while len(Receiver.got) < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{len(Receiver.got)} webhook posts after {timeout}s, expected {count}")
+        time.sleep(0.1)
+    return list(Receiver.got)
+
+
+def test_a_receiver_gets_job_succeeded_signed_with_the_endpoints_secret(
+    stack: Stack, receiver: str
+) -> None:
+    created = stack.api.http.post(f"{stack.api.base}/api/v1/webhooks", timeout=10,
+                                  json={"url": receiver, "events": ["job.succeeded"]})  # fmt: skip
+    assert created.status_code == 201, created.text
+    job_id = stack.api.submit({"name": "hooked", "hyperparameters": {"n_epochs": 1, **QUICK}})["id"]
+    assert stack.api.wait_finished(job_id)["status"] == "succeeded"
+    [(headers, body)] = wait_posts(1)
+    message = Webhook(created.json()["secret"]).verify(body, headers)
+    assert message["type"] == "job.succeeded" and message["data"]["id"] == job_id
+    assert message["data"]["status"] == "succeeded" and message["data"]["name"] == "hooked"
+    assert message["data"]["test_accuracy"] == stack.api.job(job_id)["test_accuracy"]
+    stack.api.http.delete(f"{stack.api.base}/api/v1/webhooks/{created.json()['id']}", timeout=10)
+
+
+def test_a_receiver_failing_three_times_gets_the_event_on_the_fourth_try_once(
+    stack: Stack, receiver: str
+) -> None:
+    Receiver.answers = [500, 500, 500, 200]
+    hook = {"url": receiver, "events": ["job.failed"]}
+    created = stack.api.http.post(f"{stack.api.base}/api/v1/webhooks", json=hook, timeout=10).json()
+    body = {"hyperparameters": {"n_epochs": 1, **QUICK, **DIVERGES}}
+    job_id = stack.api.submit(body)["id"]
+    assert stack.api.wait_finished(job_id)["status"] == "failed"
+    posts = wait_posts(4)
+    time.sleep(2)  # a fifth post would come within a couple of maintenance passes
+    assert len(Receiver.got) == 4
+    assert len({headers["webhook-id"] for headers, _ in posts}) == 1  # one event, four tries
+    log = stack.api.get(f"/webhooks/{created['id']}/deliveries")["items"]
+    assert [(d["event_type"], d["status"], d["attempts"]) for d in log] == [
+        ("job.failed", "succeeded", 4)
+    ]
+    tries = log[0]["tries"]
+    assert [(t["number"], t["outcome"], t["status_code"]) for t in tries] == [
+        (1, "failed", 500), (2, "failed", 500), (3, "failed", 500), (4, "succeeded", 200)
+    ]  # fmt: skip
+    stack.api.http.delete(f"{stack.api.base}/api/v1/webhooks/{created['id']}", timeout=10)
