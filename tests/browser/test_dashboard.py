@@ -58,7 +58,13 @@ def test_submit_from_the_form_and_watch_it_succeed(
     page.click("#new-job button[type=submit]")
     expect(page.locator(".flash.message")).to_contain_text("submitted")
     job["id"] = page.url.rsplit("/", 1)[1]
+    # The log comes in live over the job's event stream while it trains.
+    log = page.locator("#log")
+    expect(log).to_contain_text("Train Epoch: 1 [0/60000 (0%)]", timeout=TRAIN_TIMEOUT_MS)
+    expect(log).to_have_attribute("data-mode", "stream")
     expect(page.locator("#status")).to_have_text("succeeded", timeout=TRAIN_TIMEOUT_MS)
+    expect(log).to_contain_text("succeeded: test loss ")
+    assert log.inner_text().startswith("claimed by worker ")
     for canvas in ("#loss-chart", "#accuracy-chart"):
         assert painted_pixels(page, canvas) > 500, canvas
     for name in PLOTS:
