@@ -211,7 +211,9 @@ def read_events(
 def test_a_running_jobs_stream_sends_progress_every_log_interval_and_resumes_without_gaps(
     stack: Stack,
 ) -> None:
-    job_id = stack.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
+    job_id = stack.api.submit({"hyperparameters": {"n_epochs": 1, **QUICK, "log_interval": 2}})[
+        "id"
+    ]
     stack.api.wait(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] > 0)
     first = read_events(stack, job_id, None, stop_after=30)  # then the connection drops
     rest = read_events(stack, job_id, first[-1].id, stop_after=None)
@@ -671,11 +673,13 @@ def test_soak_sigkill_mid_epoch_2_and_a_restarted_worker_finishes_the_job(
     assert all(a < b for a, b in itertools.pairwise(steps)), steps
 
 
-def test_metrics_parse_and_count_jobs_as_the_database_does(stack: Stack) -> None:
+def test_metrics_parse_and_count_jobs_as_the_database_does(
+    stack: Stack, trained: dict[str, Any]
+) -> None:
     from prometheus_client.parser import text_string_to_metric_families
     from sqlalchemy import func
 
-    quick = stack.api.submit({"hyperparameters": {"n_epochs": 1, **QUICK}})["id"]
+    quick = trained["created"]["id"]
     diverging = stack.api.submit({"hyperparameters": {"n_epochs": 1, **QUICK, **DIVERGES}})["id"]
     waiting = stack.api.submit({"hyperparameters": {"n_epochs": 1, "device": "cuda"}})["id"]
     stack.api.http.post(f"{stack.api.base}/api/v1/jobs/{waiting}/cancel", timeout=10)
