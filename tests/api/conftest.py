@@ -72,8 +72,9 @@ def migrated_postgres(postgres_database: Callable[[], str]) -> str:
     return url
 
 
-TABLES = ("webhook_attempt", "webhook_delivery", "webhook_endpoint", "job_event", "artifact",
-          "metric", "job", "api_token", "user_account", "worker")  # fmt: skip
+TABLES = ("webhook_attempt", "webhook_delivery", "webhook_endpoint", "job_event",
+          "dashboard_session", "artifact", "metric", "job", "api_token", "user_account",
+          "worker")  # fmt: skip
 
 
 def empty_tables(database_url: str) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from flask import Flask
@@ -11,13 +13,14 @@ from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import events
+from shared.config import Settings
 from shared.events import NewEvent
 from shared.models import EventKind, Job, JobStatus
 from tests.api.conftest import Caller, client_as, insert_job, make_settings
 
 
 @pytest.fixture
-def settings(tmp_path, database_url):  # type: ignore[no-untyped-def]
+def settings(tmp_path: Path, database_url: str) -> Settings:
     """Streams that poll often and close after a second, so a test never hangs on one."""
     return make_settings(tmp_path, database_url, events_poll_seconds=0.02,
                          events_stream_seconds=1.0)  # fmt: skip
@@ -122,7 +125,7 @@ def test_an_open_stream_sends_new_events_and_keep_alives(
     assert next(chunks) == b"retry: 2000\n\n"
     assert next(chunks) == b": keep-alive\n\n"  # nothing to say yet
     add_lines(sessions, job_id, "later")
-    body = b"".join(chunks).decode()
+    body = b"".join(cast(Iterator[bytes], chunks)).decode()
     assert [f["data"]["message"] for f in frames(body)] == ["later"]
     response.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -11,7 +12,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import events
-from shared.config import Settings
 from shared.models import JobStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
 from tests.api.conftest import Caller, client_as, insert_job, make_settings
 
@@ -95,8 +95,8 @@ def test_requests_are_counted_per_endpoint(client: FlaskClient) -> None:
 
 
 def test_metrics_need_an_admin_unless_public(
-    app: Flask, alice: Caller, anonymous: FlaskClient, settings: Settings, tmp_path, database_url
-) -> None:  # type: ignore[no-untyped-def]
+    app: Flask, alice: Caller, anonymous: FlaskClient, tmp_path: Path, database_url: str
+) -> None:
     assert anonymous.get("/metrics").status_code == 401
     assert client_as(app, alice).get("/metrics").status_code == 403
     from api import create_app

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +31,7 @@ SUBSCRIBED = ["job.succeeded", "job.failed", "job.cancelled"]
 
 
 @pytest.fixture
-def settings(tmp_path, database_url):  # type: ignore[no-untyped-def]
+def settings(tmp_path: Path, database_url: str) -> Settings:
     """Endpoints on this machine are allowed, as the tests' receivers listen on loopback."""
     return make_settings(tmp_path, database_url, webhook_allow_private=True)
 
@@ -82,8 +83,8 @@ def test_bad_endpoints_are_422_naming_the_field(
             "http://169.254.169.254/latest", "http://[::1]/x", "http://192.168.0.1/x"],
 )  # fmt: skip
 def test_internal_addresses_are_refused_unless_allowed(
-    tmp_path, database_url, admin: Caller, url: str
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, database_url: str, admin: Caller, url: str
+) -> None:
     from api import create_app
     from tests.api.conftest import RecordingPublisher
 

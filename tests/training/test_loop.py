@@ -117,6 +117,7 @@ def test_fit_prints_the_seeds_lines_a_test_before_training_first(
     result = run(tiny_hp(), tiny_train, tiny_test, tmp_path, hooks=rec.hooks())
     untrained = result.metrics[0]
     assert (untrained.kind, untrained.epoch, untrained.samples_seen) == ("test", 0, 0)
+    assert untrained.accuracy is not None
     correct = round(untrained.accuracy * 200)
     assert rec.lines[0] == (
         f"Test set: Avg. loss: {untrained.loss:.4f}, Accuracy: {correct}/200 "
