@@ -94,7 +94,7 @@ def test_internal_addresses_are_refused_unless_allowed(
     )
     assert response.status_code == 422
     assert response.get_json()["details"][0]["loc"] == ["body", "url"]
-    assert "MNISTQ_WEBHOOK_ALLOW_PRIVATE" in response.get_json()["message"]
+    assert "MNISTQ_WEBHOOK_ALLOW_PRIVATE" in response.get_json()["details"][0]["msg"]
 
 
 def test_a_cancel_writes_the_event_for_the_owners_subscribed_endpoints_only(
