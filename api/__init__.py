@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from flask import Flask
+from typing import TYPE_CHECKING
 
-from api.extensions import Publish, Services
-from shared.celery_app import celery_publisher
-from shared.config import Settings, get_settings
-from shared.store import make_store
+# Nothing is imported with the package itself: gunicorn's master loads api.serving (the
+# worker class) before its workers monkey-patch the standard library for gevent, and
+# sockets, psycopg and Celery must be imported only after that.
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from api.extensions import Publish
+    from shared.config import Settings
 
 
 def create_app(settings: Settings | None = None, *, publish: Publish | None = None) -> Flask:
     """Build the API for ``settings`` (default: from the environment); tests pass ``publish``."""
+    from flask import Flask
+
     from api import (
         artifacts,
         auth,
@@ -19,17 +25,24 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
         db,
         docs,
         errors,
+        events,
         extensions,
         health,
         jobs,
         limits,
+        metrics,
         openapi,
         predict,
         security,
         sweeps,
         users,
+        webhooks,
         workers,
     )
+    from api.extensions import Services
+    from shared.celery_app import celery_publisher
+    from shared.config import get_settings
+    from shared.store import make_store
 
     settings = settings or get_settings()
     app = Flask(__name__)
@@ -45,10 +58,11 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     auth.init_app(app)
     limits.init_app(app, settings)
     security.init_app(app, settings)
+    metrics.init_app(app)
     dashboard.init_app(app, settings)
     blueprints = (
-        jobs.bp, sweeps.bp, artifacts.bp, health.bp, users.bp, workers.bp, openapi.bp, docs.bp,
-        predict.bp,
+        jobs.bp, sweeps.bp, artifacts.bp, events.bp, health.bp, users.bp, workers.bp,
+        openapi.bp, docs.bp, predict.bp, metrics.bp, webhooks.bp,
     )  # fmt: skip
     for blueprint in blueprints:
         app.register_blueprint(blueprint)

@@ -24,8 +24,21 @@ def public(view: F) -> F:
     return view
 
 
+def public_when(setting: str) -> Callable[[F], F]:
+    """Mark a view as open to callers without a token when the boolean ``setting`` is on."""
+
+    def mark(view: F) -> F:
+        view.public_when = setting  # type: ignore[attr-defined]
+        return view
+
+    return mark
+
+
 def is_public(view: Callable[..., Any]) -> bool:
-    """True for views marked with @public."""
+    """True for views marked with @public, or @public_when a setting that is on."""
+    setting = getattr(view, "public_when", None)
+    if setting is not None:
+        return bool(getattr(current_app.extensions["mnistq"].settings, setting))
     return bool(getattr(view, "public", False))
 
 
@@ -43,11 +56,17 @@ def require_token() -> None:
         return
     if request.endpoint == "static":
         return
+    authenticate_request()
+
+
+def authenticate_request() -> User:
+    """The caller's live token and user, put into ``g``; 401 if there is none."""
     token = _session_token() or authenticate(get_session(), _bearer_secret())
     if token is None:
         raise _unauthorized("invalid_token", "the token is unknown or revoked")
     g.api_token = token
     g.user = token.user
+    return token.user
 
 
 def _session_token() -> ApiToken | None:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import (
+    ClientDisconnected,
     HTTPException,
     MethodNotAllowed,
     RequestEntityTooLarge,
@@ -29,6 +30,7 @@ from shared.jobs import (
 )
 from shared.store import StoreUnavailable
 from shared.sweeps import SweepConflict, SweepKeyReused, SweepNotFound
+from shared.webhooks import InvalidWebhookUrl, WebhookNotFound
 from shared.workers import WorkerNotFound
 
 logger = logging.getLogger(__name__)
@@ -138,9 +140,22 @@ def _broker_down(exc: BrokerUnavailable) -> Response:
     return error_response(503, "broker_unavailable", "the message broker is not reachable")
 
 
+def _slow_body(exc: Exception) -> Response:
+    # A read of the body waited longer than body_timeout_seconds (api/serving.py); werkzeug
+    # reports it as ClientDisconnected, as it does a client that went away.
+    logger.info("request body timed out: %r", exc)
+    response = error_response(408, "request_timeout", "the request body did not arrive in time")
+    response.headers["Connection"] = "close"  # the rest of the body would read as a request
+    return response
+
+
 def _store_down(exc: StoreUnavailable) -> Response:
     logger.warning("artifact store unavailable: %s", exc)
     return error_response(503, "store_unavailable", "the artifact store is not reachable right now")
+
+
+def _invalid_webhook_url(exc: InvalidWebhookUrl) -> Response:
+    return _api_error(validation_failed([field_error(["body", "url"], str(exc))]))
 
 
 def _unexpected(exc: Exception) -> Response:
@@ -182,5 +197,9 @@ def init_app(app: Flask) -> None:
     for db_error in (OperationalError, InterfaceError, PoolTimeout):
         app.register_error_handler(db_error, _database_down)
     app.register_error_handler(BrokerUnavailable, _broker_down)
+    app.register_error_handler(WebhookNotFound, _simple(404, "webhook_not_found"))
+    app.register_error_handler(InvalidWebhookUrl, _invalid_webhook_url)
+    app.register_error_handler(ClientDisconnected, _slow_body)
+    app.register_error_handler(TimeoutError, _slow_body)
     app.register_error_handler(StoreUnavailable, _store_down)
     app.register_error_handler(Exception, _unexpected)

@@ -49,6 +49,7 @@ PATH_PARAMETERS: dict[str, dict[str, Any]] = {
     "job_id": {"type": "string", "maxLength": 64},
     "sweep_id": {"type": "string", "maxLength": 64},
     "name": {"type": "string", "maxLength": 255},
+    "endpoint_id": {"type": "string", "maxLength": 32},
 }
 RESPONSE_HEADERS = {
     201: ("Location", "the URL of the new job or sweep"),

@@ -23,6 +23,7 @@ from shared.schemas import (
     QueueStatusOut,
     ResumeFromOut,
     TestMetricOut,
+    progress_figures,
 )
 from shared.sweep_schemas import (
     SweepBestOut,
@@ -65,12 +66,10 @@ def utc(when: datetime | None) -> datetime | None:
 def progress_out(job: Job) -> ProgressOut:
     """Progress with the completed fraction and, while running, an ETA."""
     total, seen, speed = job.total_samples, job.samples_seen, job.samples_per_second
-    if total > 0:
-        fraction = min(1.0, seen / total)
-    else:
-        fraction = 1.0 if job.status == JobStatus.SUCCEEDED else 0.0
-    running = job.status == JobStatus.RUNNING
-    eta = max(0.0, (total - seen) / speed) if running and speed and total > 0 else None
+    fraction, eta = progress_figures(
+        seen, total, speed, running=job.status == JobStatus.RUNNING,
+        succeeded=job.status == JobStatus.SUCCEEDED,
+    )  # fmt: skip
     return ProgressOut(
         epoch=job.epoch,
         n_epochs=job.n_epochs,

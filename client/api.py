@@ -14,6 +14,7 @@ from typing import Any, TypeVar, get_args
 import requests
 from pydantic import BaseModel
 
+from client.events import ServerEvent, lines, parse
 from shared.artifacts import validate_name
 from shared.schemas import (
     ArtifactListOut,
@@ -21,8 +22,11 @@ from shared.schemas import (
     JobOut,
     JobPageOut,
     JobStatusName,
+    LogLineOut,
+    LogPageOut,
     MetricsOut,
     PredictionOut,
+    ProgressOut,
     QueueListOut,
     QueueOut,
     WorkerListOut,
@@ -38,6 +42,9 @@ Trial = TrialOut
 FINISHED = frozenset(get_args(JobStatusName)) - {"queued", "running"}
 TIMEOUT_SECONDS = 30.0
 CHUNK = 1 << 20
+# A stream sends a keep-alive every 15 s: one silent for this long is dead.
+STREAM_READ_TIMEOUT_SECONDS = 60.0
+STREAM_RETRIES = 5  # reconnects in a row without an event before giving up on the stream
 # (artifact name, bytes written so far, total bytes) while a file downloads.
 DownloadProgress = Callable[[str, int, int], None]
 
@@ -235,6 +242,92 @@ class Client:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} is still {job.status} after {timeout}s")
             time.sleep(poll)
+
+    def follow(
+        self, job_id: str, on_update: Callable[[Job], None] | None = None, poll: float = 1.0
+    ) -> Job:
+        """Like ``wait``, driven by the job's event stream; polls only where the stream fails."""
+        job = self.get(job_id)
+        if on_update is not None:
+            on_update(job)
+        if job.status in FINISHED:
+            return job
+        try:
+            for event in self.events(job_id):
+                job = self._apply(job_id, job, event)
+                if on_update is not None and event.event in ("status", "progress", "metric"):
+                    on_update(job)
+        except ServerUnavailable:
+            pass  # no stream (an old server, a proxy that buffers): fall back to polling
+        return self.wait(job_id, on_update=on_update, poll=poll)
+
+    def _apply(self, job_id: str, job: Job, event: ServerEvent) -> Job:
+        """The job after ``event``: progress in place, anything else read again."""
+        if event.event == "progress":
+            progress = ProgressOut.model_validate(event.data)
+            return job.model_copy(update={"progress": progress,
+                                          "train_loss": event.data.get("train_loss")})  # fmt: skip
+        if event.event in ("status", "end") or (
+            event.event == "metric" and event.data.get("kind") == "test"
+        ):
+            return self.get(job_id)
+        return job
+
+    def events(
+        self, job_id: str | None = None, *, after: int | None = None
+    ) -> Iterator[ServerEvent]:
+        """A job's live events (None: all jobs'), reconnecting with Last-Event-ID, to ``end``."""
+        path = f"/jobs/{job_id}/events" if job_id else "/events"
+        last, retries = after, 0
+        while retries <= STREAM_RETRIES:
+            headers = {"Accept": "text/event-stream"}
+            if last is not None:
+                headers["Last-Event-ID"] = str(last)
+            try:
+                for event in self._stream(path, headers):
+                    retries = 0
+                    last = event.id if event.id is not None else last
+                    yield event
+                    if event.event == "end":
+                        return
+            except (ServerUnavailable, requests.RequestException):
+                retries += 1
+                time.sleep(min(2.0, 0.2 * 2**retries))
+        raise ServerUnavailable(f"the event stream of {self.url} keeps failing")
+
+    def _stream(self, path: str, headers: dict[str, str]) -> Iterator[ServerEvent]:
+        timeout = (self.timeout, STREAM_READ_TIMEOUT_SECONDS)
+        with self._request("GET", path, stream=True, headers=headers, timeout=timeout) as response:
+            # chunk_size None: each chunk as it arrives, not once 512 bytes have come.
+            yield from parse(lines(response.iter_content(chunk_size=None)))
+
+    def logs(self, job_id: str, *, after: int = 0, limit: int | None = None) -> LogPageOut:
+        """A page of the job's log lines after ``after``."""
+        params: dict[str, Any] = {"after": after}
+        if limit is not None:
+            params["limit"] = limit
+        return self._json(LogPageOut, "GET", f"/jobs/{job_id}/logs", params=params)
+
+    def follow_logs(self, job_id: str, *, poll: float = 1.0) -> Iterator[LogLineOut]:
+        """Every line of the job's log, then new ones as they are written, until it ends."""
+        after = 0
+        try:
+            for event in self.events(job_id, after=0):
+                if event.event == "log":
+                    line = LogLineOut.model_validate({**event.data, "seq": event.id})
+                    after = line.seq
+                    yield line
+            return
+        except ServerUnavailable:
+            pass  # the stream failed: poll the log from where it got to
+        while True:
+            page = self.logs(job_id, after=after)
+            yield from page.lines
+            after = page.next_after
+            if page.complete:
+                return
+            if not page.lines:
+                time.sleep(poll)
 
     def metrics(self, job_id: str) -> MetricsOut:
         """The train-loss series and the per-epoch test series."""

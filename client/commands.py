@@ -273,10 +273,10 @@ def final_line(job: Job) -> str:
 
 
 def _watch(client: Client, job_id: str, poll: float = 0.5) -> None:
-    """Follow the job to its end; exit non-zero unless it succeeded."""
+    """Follow the job's events to its end; exit non-zero unless it succeeded."""
     watcher = Watcher()
     try:
-        job = client.wait(job_id, on_update=watcher.update, poll=poll)
+        job = client.follow(job_id, on_update=watcher.update, poll=poll)
     finally:
         watcher.close()
     click.echo(final_line(job))
@@ -289,11 +289,31 @@ def _watch(client: Client, job_id: str, poll: float = 0.5) -> None:
 @click.command("watch")
 @click.argument("job_id")
 @click.option("--poll", type=click.FloatRange(min=0.1), default=0.5, show_default=True,
-              help="seconds between polls")  # fmt: skip
+              help="seconds between polls where the event stream is not available")  # fmt: skip
 @server_command
 def watch_command(client: Client, job_id: str, poll: float) -> None:
     """Follow a job with a bar per epoch; exit 0 if it succeeded, 3 failed, 4 cancelled/pruned."""
     _watch(client, job_id, poll)
+
+
+@click.command("logs")
+@click.argument("job_id")
+@click.option("-f", "--follow", is_flag=True, help="go on printing new lines until the job ends")
+@server_command
+def logs_command(client: Client, job_id: str, follow: bool) -> None:
+    """Print a job's log: the seed's train and test lines and what happened to the job."""
+    if follow:
+        for line in client.follow_logs(job_id):
+            click.echo(line.message)
+        return
+    after = 0
+    while True:
+        page = client.logs(job_id, after=after)
+        for line in page.lines:
+            click.echo(line.message)
+        if page.complete or not page.lines:
+            return
+        after = page.next_after
 
 
 @click.command("cancel")
@@ -405,6 +425,7 @@ COMMANDS = [
     list_command,
     status_command,
     watch_command,
+    logs_command,
     cancel_command,
     download_command,
     predict_command,

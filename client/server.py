@@ -108,9 +108,15 @@ def _serve_api(settings: Settings, host: str, port: int) -> None:
 @click.option("--port", default=8000, show_default=True, help="HTTP port")
 @click.option("--workers", default=2, show_default=True, help="gunicorn worker processes")
 def api_command(host: str, port: int, workers: int) -> None:
-    """Serve the HTTP API with gunicorn (``api:create_app()``)."""
+    """Serve the HTTP API with gunicorn's gevent workers (``api:create_app()``)."""
+    from api.serving import prepare_metrics_dir
+    from shared.config import get_settings
+
+    # HTTP metrics are counted per worker process in files there and summed at each scrape.
+    prepare_metrics_dir(get_settings().var_dir / "prometheus")
     argv = [
-        sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers),
+        sys.executable, "-m", "gunicorn", "--config", "python:api.serving",
+        "--bind", f"{host}:{port}", "--workers", str(workers),
         "--access-logfile", "-", "api:create_app()",
     ]  # fmt: skip
     os.execv(sys.executable, argv)

@@ -99,7 +99,7 @@ class _ProgressBar:
         """Engine hooks that move this bar."""
         from worker.training.loop import Hooks
 
-        return Hooks(on_progress=self.update)
+        return Hooks(on_progress=self.update, on_line=self.bar.write)
 
     def update(self, progress: Any) -> None:
         """Show where training stands: epoch, step, latest loss, examples per second."""

@@ -54,6 +54,40 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, gt=0)
     page_size: int = Field(50, ge=1, le=500)
 
+    # Slow clients (gunicorn's gevent workers, api/serving.py).
+    header_timeout_seconds: float = Field(
+        5.0, gt=0, description="a request's line and headers must arrive within this"
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="longest wait for the next bytes of a body (or for a write)"
+    )
+
+    # Live event streams (server-sent events).
+    events_poll_seconds: float = Field(
+        0.5, gt=0, le=10, description="how often an open stream looks for new events"
+    )
+    events_keepalive_seconds: float = Field(
+        15.0, gt=0, description="an idle stream sends a comment this often"
+    )
+    events_stream_seconds: float = Field(
+        300.0, gt=0, description="a stream closes after this long; clients reconnect"
+    )
+
+    # Webhooks (shared/webhooks.py; sent by every worker's main process).
+    webhook_allow_private: bool = Field(
+        False, description="let endpoints resolve to loopback, private or link-local addresses"
+    )
+    webhook_retry_seconds: tuple[float, ...] = Field(
+        (5, 300, 1800, 7200, 18000, 36000),
+        description="waits after each failed try (7 tries over about 17.5 h by default)",
+    )
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=30, description="per post")
+
+    # Prometheus.
+    metrics_public: bool = Field(
+        False, description="GET /metrics without a token; otherwise an admin's token is needed"
+    )
+
     # Prediction from a trained job: images may be larger than other request bodies.
     max_image_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="largest image a prediction request may send"

@@ -16,6 +16,7 @@ from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from shared import events
 from shared.artifacts import ArtifactNotFound, validate_name
 from shared.celery_app import queue_for_device
 from shared.models import Artifact, Job, JobStatus, Metric, utcnow
@@ -238,6 +239,11 @@ def request_cancel(session: Session, job_id: str, *, owner_id: int | None = None
         finished_at=utcnow(),
     )
     flagged = cancelled or _update_where(session, job_id, JobStatus.RUNNING, cancel_requested=True)
+    if cancelled:
+        events.status_changed(session, job_id, "cancelled", "cancelled while queued")
+    elif flagged:
+        message = "cancellation requested: the worker stops at its next log interval"
+        events.append(session, job_id, [events.line(message, reason="cancel_requested")])
     session.commit()
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:

@@ -12,15 +12,18 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, CursorResult, Update, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import events
 from shared.db import transaction
-from shared.models import Artifact, Job, JobStatus, Metric, utcnow
+from shared.events import NewEvent
+from shared.models import Artifact, EventKind, Job, JobStatus, Metric, utcnow
+from shared.schemas import progress_figures
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +106,19 @@ def _fence(session: Session, lease: Lease) -> bool:
     )
 
 
+def _progress_event(progress: ProgressUpdate) -> NewEvent:
+    """What a live stream shows of a progress write: the job's progress as the API shows it."""
+    fraction, eta = progress_figures(
+        progress.samples_seen, progress.total_samples, progress.samples_per_second, running=True
+    )
+    data = {**asdict(progress), "fraction": fraction, "eta_seconds": eta}
+    return NewEvent(kind=EventKind.PROGRESS, data=data)
+
+
+def _metric_events(metrics: Sequence[MetricRecord]) -> list[NewEvent]:
+    return [NewEvent(kind=EventKind.METRIC, data=asdict(m), epoch=m.epoch) for m in metrics]
+
+
 def _insert_metrics(session: Session, job_id: str, metrics: Sequence[MetricRecord]) -> None:
     session.add_all(
         Metric(
@@ -182,7 +198,21 @@ def claim_next(
             .returning(Job.id),
             execution_options={"synchronize_session": False},
         )
+        if job_id is not None:
+            events.status_changed(session, job_id, "claimed", _claim_line(session, job_id))
     return Lease(job_id, token) if job_id is not None else None
+
+
+def _claim_line(session: Session, job_id: str) -> str:
+    """``claimed by worker … (pid …) on host …, attempt n``: the log's first line of an attempt."""
+    row = session.execute(
+        select(Job.worker_id, Job.worker_pid, Job.worker_hostname, Job.attempt).where(
+            Job.id == job_id
+        )
+    ).one()
+    worker = f"worker {row.worker_id}" if row.worker_id else "a worker"
+    pid = f" (pid {row.worker_pid})" if row.worker_pid else ""
+    return f"claimed by {worker}{pid} on host {row.worker_hostname}, attempt {row.attempt}"
 
 
 def heartbeat(
@@ -219,8 +249,9 @@ def record_progress(
     lease: Lease,
     progress: ProgressUpdate | None,
     metrics: Sequence[MetricRecord] = (),
+    lines: Sequence[NewEvent] = (),
 ) -> bool:
-    """Write progress and a batch of metric rows in one transaction; False when fenced out."""
+    """Write progress, metric rows and log lines in one transaction; False when fenced out."""
     with transaction(session_factory) as session:
         if not _fence(session, lease):
             return False
@@ -241,20 +272,38 @@ def record_progress(
                 execution_options={"synchronize_session": False},
             )
         _insert_metrics(session, lease.job_id, metrics)
+        batch = [*_metric_events(metrics), *lines]
+        events.append(session, lease.job_id, [*batch, *_maybe(progress)])
     return True
 
 
+def _maybe(progress: ProgressUpdate | None) -> list[NewEvent]:
+    return [] if progress is None else [_progress_event(progress)]
+
+
 def record_metrics(
-    session_factory: SessionFactory, lease: Lease, metrics: Sequence[MetricRecord]
+    session_factory: SessionFactory,
+    lease: Lease,
+    metrics: Sequence[MetricRecord],
+    lines: Sequence[NewEvent] = (),
 ) -> bool:
-    """Insert a batch of metric rows; False when fenced out."""
-    return record_progress(session_factory, lease, None, metrics)
+    """Insert a batch of metric rows and log lines; False when fenced out."""
+    return record_progress(session_factory, lease, None, metrics, lines)
 
 
 def replace_metrics(
-    session_factory: SessionFactory, lease: Lease, metrics: Sequence[MetricRecord]
+    session_factory: SessionFactory,
+    lease: Lease,
+    metrics: Sequence[MetricRecord],
+    *,
+    after_epoch: int = -1,
+    lines: Sequence[NewEvent] = (),
 ) -> bool:
-    """Make the job's metric history exactly ``metrics`` (a resumed checkpoint's history)."""
+    """Make the job's metric history exactly ``metrics`` (a resumed checkpoint's history).
+
+    The log keeps what earlier attempts wrote up to ``after_epoch`` (the checkpoint's; -1:
+    none) and the ``lines`` saying how this attempt starts.
+    """
     # A requeued job resumes from its newest checkpoint: rows the dead attempt wrote after
     # that checkpoint would be duplicated by the rerun, and rows it never flushed before
     # dying would be missing. The checkpoint's own history is the truth.
@@ -263,6 +312,8 @@ def replace_metrics(
             return False
         session.execute(delete(Metric).where(Metric.job_id == lease.job_id))
         _insert_metrics(session, lease.job_id, metrics)
+        events.drop_superseded(session, lease.job_id, after_epoch)
+        events.append(session, lease.job_id, lines)
     return True
 
 
@@ -296,8 +347,13 @@ def finish(
     error_message: str | None = None,
     error_traceback: str | None = None,
     metrics: Sequence[MetricRecord] = (),
+    lines: Sequence[NewEvent] = (),
+    message: str | None = None,
 ) -> bool:
-    """End the job in an end state with its last metrics; False when fenced out."""
+    """End the job in an end state with its last metrics; False when fenced out.
+
+    ``message`` is the log's last line (default: the end state with its result or error).
+    """
     if not status.finished:
         raise ValueError(f"finish() needs an end state, not {status!r}")
     values: dict[str, object] = {
@@ -314,11 +370,26 @@ def finish(
         if not _fence(session, lease):
             return False
         _insert_metrics(session, lease.job_id, metrics)
+        events.append(session, lease.job_id, [*_metric_events(metrics), *lines])
         session.execute(
             update(Job).where(_mine(lease)).values(**values),
             execution_options={"synchronize_session": False},
         )
+        ending = message or _end_line(status, test_loss, test_accuracy, error_message)
+        events.status_changed(session, lease.job_id, "finished", ending)
     return True
+
+
+def _end_line(
+    status: JobStatus, loss: float | None, accuracy: float | None, error: str | None
+) -> str:
+    if status is JobStatus.SUCCEEDED and loss is not None and accuracy is not None:
+        return f"succeeded: test loss {loss:.4f}, accuracy {accuracy:.2%}"
+    if status is JobStatus.FAILED:
+        return f"failed: {error or 'no reason recorded'}"
+    if status is JobStatus.CANCELLED:
+        return "cancelled: stopped at the user's request"
+    return str(status.value)
 
 
 def _tail(text: str | None) -> str | None:
@@ -332,7 +403,7 @@ def release(session_factory: SessionFactory, lease: Lease) -> bool:
     # The attempt is given back too: a worker that shut down cleanly did not fail the job,
     # and max_attempts counts workers that died.
     with transaction(session_factory) as session:
-        return _changed_one(
+        released = _changed_one(
             session,
             update(Job)
             .where(_mine(lease), Job.status == JobStatus.RUNNING)
@@ -345,6 +416,10 @@ def release(session_factory: SessionFactory, lease: Lease) -> bool:
                 published_at=None,
             ),
         )
+        if released:
+            message = "the worker is shutting down: handed back to the queue, to resume"
+            events.status_changed(session, lease.job_id, "released", message)
+        return released
 
 
 def requeue(
@@ -364,6 +439,7 @@ def requeue(
                 queued_at=now, published_at=None,
             ),
         ):  # fmt: skip
+            events.status_changed(session, lease.job_id, "requeued", f"{reason}: queued again")
             return JobStatus.QUEUED
         message = f"{reason} (gave up after {max_attempts} attempts)"
         if _changed_one(
@@ -375,6 +451,7 @@ def requeue(
                 finished_at=now, error_message=message,
             ),
         ):  # fmt: skip
+            events.status_changed(session, lease.job_id, "finished", f"failed: {message}")
             return JobStatus.FAILED
     return None
 
@@ -443,7 +520,7 @@ def _take_expired(
     # Conditional on the token we saw and the expiry: a heartbeat that just renewed the
     # lease, or another reaper that got there first, makes this a no-op.
     with transaction(session_factory) as session:
-        return _changed_one(
+        taken = _changed_one(
             session,
             update(Job)
             .where(
@@ -454,6 +531,19 @@ def _take_expired(
             )
             .values(**values),
         )
+        if taken:
+            events.status_changed(session, job_id, "lease_expired", _expired_line(values))
+        return taken
+
+
+def _expired_line(values: dict[str, object]) -> str:
+    status = values["status"]
+    lost = "lease lost: the worker stopped renewing it (killed, frozen or cut off)"
+    if status == JobStatus.QUEUED:
+        return f"{lost}; queued again, to resume from its newest checkpoint"
+    if status == JobStatus.CANCELLED:
+        return f"{lost}; cancellation had been asked for: cancelled"
+    return f"{lost}; failed: {values.get('error_message')}"
 
 
 def republish_due(

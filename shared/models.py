@@ -297,3 +297,93 @@ class Sweep(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+
+
+class EventKind(enum.StrEnum):
+    """What a job event says: a log line, a state change, progress or a metric point."""
+
+    LOG = "log"
+    STATUS = "status"
+    PROGRESS = "progress"
+    METRIC = "metric"
+
+
+class JobEvent(Base):
+    """One thing that happened to a job, in order: its log and its live event stream.
+
+    The id orders every event of a job (each writer holds the job row's lock while it
+    appends), is the log's ``seq`` and the SSE ``id:`` a client resumes from.
+    """
+
+    __tablename__ = "job_event"
+    __table_args__ = (Index("ix_job_event_job_kind_id", "job_id", "kind", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("job.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))  # an EventKind
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Train and test lines and metric points carry their epoch: a resumed attempt drops
+    # those of the dead attempt past its checkpoint, which it trains again.
+    epoch: Mapped[int | None]
+    # Status changes say why (claimed, lease_expired, released, finished, ...).
+    reason: Mapped[str | None] = mapped_column(String(32), index=True)
+    message: Mapped[str | None] = mapped_column(Text)  # the log line
+    data: Mapped[dict[str, Any] | None]  # the status, progress or metric payload
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookEndpoint(Base):
+    """A user's URL that is told, signed, when that user's jobs end."""
+
+    __tablename__ = "webhook_endpoint"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
+    owner_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("user_account.id", ondelete="CASCADE"), index=True
+    )
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[str]] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(String(128))  # whsec_…, shown once at creation
+    description: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[datetime | None]
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint (the outbox row), written with the state change it tells of."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (Index("ix_webhook_delivery_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # msg_…, the webhook-id
+    endpoint_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("webhook_endpoint.id", ondelete="CASCADE"), index=True
+    )
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|succeeded|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A sender holds the row while it posts, so two workers never send the same try.
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class WebhookAttempt(Base):
+    """One try of a delivery: what the receiver answered, or why it could not be reached."""
+
+    __tablename__ = "webhook_attempt"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("webhook_delivery.id", ondelete="CASCADE"), index=True
+    )
+    number: Mapped[int]
+    outcome: Mapped[str] = mapped_column(String(16), index=True)  # succeeded|failed|gone|refused
+    status_code: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

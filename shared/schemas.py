@@ -132,6 +132,26 @@ class ListJobsQuery(BaseModel):
     cursor: str | None = Field(None, max_length=512, description="next_cursor of the last page")
 
 
+def progress_figures(
+    samples_seen: int,
+    total_samples: int,
+    samples_per_second: float | None,
+    *,
+    running: bool,
+    succeeded: bool = False,
+) -> tuple[float, float | None]:
+    """(fraction done 0..1, seconds left at the current speed while running)."""
+    if total_samples > 0:
+        fraction = min(1.0, samples_seen / total_samples)
+    else:
+        fraction = 1.0 if succeeded else 0.0
+    speed = samples_per_second
+    eta = None
+    if running and speed and total_samples > 0:
+        eta = max(0.0, (total_samples - samples_seen) / speed)
+    return fraction, eta
+
+
 class ProgressOut(BaseModel):
     """How far a job is: the latest progress the worker wrote."""
 
@@ -343,6 +363,45 @@ class UserListOut(BaseModel):
     items: list[UserOut]
 
 
+MAX_EVENT_ID = 2**62  # event ids are database integers; larger ones cannot be ours
+
+
+class LogQuery(BaseModel):
+    """Query parameters of GET /api/v1/jobs/<id>/logs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after: int = Field(0, ge=0, le=MAX_EVENT_ID, description="give lines with seq above this")
+    limit: int = Field(1000, ge=1, le=1000, description="at most this many lines")
+
+
+class LogLineOut(BaseModel):
+    """One line of a job's log."""
+
+    seq: int = Field(description="increases along the log; pass it as after= to continue")
+    time: datetime
+    attempt: int = Field(description="the attempt that wrote it (0: before the first claim)")
+    message: str
+
+
+class LogPageOut(BaseModel):
+    """A page of a job's log."""
+
+    lines: list[LogLineOut]
+    next_after: int = Field(description="the after= of the next page")
+    complete: bool = Field(description="the job is finished and no line follows these")
+
+
+class EventsQuery(BaseModel):
+    """Query parameters of the event streams (Last-Event-ID, when sent, wins)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after: int | None = Field(
+        None, ge=0, le=MAX_EVENT_ID, description="replay events with an id above this"
+    )
+
+
 class WorkerOut(BaseModel):
     """A worker process as the registry knows it."""
 
@@ -380,3 +439,71 @@ class QueueListOut(BaseModel):
     """Every queue."""
 
     items: list[QueueOut]
+
+
+WebhookEventName = Literal["job.succeeded", "job.failed", "job.cancelled", "sweep.completed"]
+
+
+class WebhookCreate(BaseModel):
+    """Body of POST /api/v1/webhooks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=8, max_length=2048, description="http(s) URL events are posted to")
+    events: list[WebhookEventName] = Field(min_length=1, max_length=4)
+    description: str | None = Field(None, max_length=200)
+
+
+class WebhookOut(BaseModel):
+    """A webhook endpoint (its secret is shown only when it is created)."""
+
+    id: str
+    url: str
+    events: list[str]
+    description: str | None
+    created_at: datetime
+    disabled_at: datetime | None = Field(description="set when a receiver answered 410 Gone")
+    disabled_reason: str | None
+
+
+class WebhookCreatedOut(WebhookOut):
+    """A new endpoint with its signing secret: shown this once."""
+
+    secret: str = Field(description="whsec_…: verify each delivery's webhook-signature with it")
+
+
+class WebhookListOut(BaseModel):
+    """The caller's endpoints."""
+
+    items: list[WebhookOut]
+
+
+class WebhookTryOut(BaseModel):
+    """One try of a delivery."""
+
+    number: int
+    time: datetime
+    outcome: Literal["succeeded", "failed", "gone", "refused"]
+    status_code: int | None
+    error: str | None
+    duration_ms: float | None
+
+
+class WebhookDeliveryOut(BaseModel):
+    """One event sent (or being sent) to an endpoint, with every try."""
+
+    id: str = Field(description="the webhook-id header")
+    event_type: str
+    status: Literal["pending", "succeeded", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="when the next try is due, if pending")
+    created_at: datetime
+    finished_at: datetime | None
+    payload: dict[str, Any]
+    tries: list[WebhookTryOut]
+
+
+class WebhookDeliveryListOut(BaseModel):
+    """The endpoint's newest deliveries, newest first."""
+
+    items: list[WebhookDeliveryOut]

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.config import Settings
 from worker.reaper import reap_once
 from worker.sweeper import control_sweeps
+from worker.webhooks import deliver_webhooks
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def reap(settings: Settings, factory: sessionmaker[Session], publish: Publish) -
 
 # Every pass runs these in order; a failing duty never stops the others. The reaper goes
 # first: a sweep's controller then counts trials whose worker died as queued again.
-DUTIES: tuple[Duty, ...] = (reap, control_sweeps)
+DUTIES: tuple[Duty, ...] = (reap, control_sweeps, deliver_webhooks)
 
 
 def run_pass(

@@ -29,10 +29,12 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import events
 from shared import lease as leases
 from shared.artifacts import checkpoint_name, describe
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
+from shared.events import NewEvent
 from shared.jobs import checkpoint_epochs
 from shared.lease import Claimant, Lease, MetricRecord, ProgressUpdate
 from shared.models import Job, JobStatus
@@ -185,6 +187,8 @@ class JobWriter:
     def __init__(self, ctx: WorkerContext, lease: Lease, flags: StopFlags) -> None:
         self.ctx, self.lease, self.flags = ctx, lease, flags
         self.pending: list[MetricRecord] = []
+        self.lines: list[NewEvent] = []
+        self.epoch = 0  # of the latest metric point: the seed's line after it belongs to it
 
     def hooks(self) -> Hooks:
         """The callbacks ``fit`` calls."""
@@ -194,6 +198,7 @@ class JobWriter:
             on_progress=self.on_progress,
             on_metrics=self.on_metrics,
             on_artifact=self.on_artifact,
+            on_line=self.on_line,
             should_stop=self.flags.should_stop,
         )
 
@@ -202,22 +207,36 @@ class JobWriter:
         pending, self.pending = self.pending, []
         return pending
 
+    def drain_lines(self) -> list[NewEvent]:
+        """Log lines not written yet, for the same transaction as the metrics."""
+        lines, self.lines = self.lines, []
+        return lines
+
     def on_metrics(self, points: list[MetricPoint]) -> None:
         """Buffer points; they go out with the next progress write (one transaction)."""
         self.pending.extend(to_record(point) for point in points)
+        if points:
+            self.epoch = points[-1].epoch
+
+    def on_line(self, message: str) -> None:
+        """Buffer one of the seed's printed lines; it goes out with the metrics."""
+        self.lines.append(events.line(message, epoch=self.epoch))
 
     def on_progress(self, progress: Progress) -> None:
-        """Write progress and buffered metrics in one fenced transaction."""
+        """Write progress, buffered metrics and lines in one fenced transaction."""
         self._fenced(leases.record_progress(
-            self.ctx.session_factory, self.lease, to_update(progress), self.drain()
+            self.ctx.session_factory, self.lease, to_update(progress), self.drain(),
+            self.drain_lines(),
         ))  # fmt: skip
 
     def on_artifact(self, name: str, kind: str, path: Path) -> None:
         """Upload a finished file, then record its row (size, sha256) under the lease."""
         # An epoch's test point comes just before its checkpoint: flushing here keeps the
         # database's history in step with what the checkpoint holds.
-        if self.pending:
-            self._fenced(leases.record_metrics(self.ctx.session_factory, self.lease, self.drain()))
+        if self.pending or self.lines:
+            self._fenced(leases.record_metrics(
+                self.ctx.session_factory, self.lease, self.drain(), self.drain_lines()
+            ))  # fmt: skip
         size, sha256 = describe(path)
         # Uploaded before the row is written: a row always names a whole object. A worker
         # fenced out after its upload has written the same deterministic file its
@@ -296,11 +315,21 @@ def resume_point(
     return source, theirs[-1]
 
 
-def fetch_resume(ctx: WorkerContext, job_id: str, spec: JobSpec) -> Checkpoint | None:
-    """Download the checkpoint to resume from (on any machine) and load it."""
+def _start_line(job_id: str, point: tuple[str, int] | None, device: Any) -> str:
+    """How this attempt starts: from scratch, or from which checkpoint."""
+    if point is None:
+        return f"training from scratch on {device}"
+    source, epoch = point
+    whose = "its own" if source == job_id else f"job {source}'s"
+    return f"resumed from {whose} checkpoint {checkpoint_name(epoch)} (epoch {epoch}) on {device}"
+
+
+def fetch_resume(
+    ctx: WorkerContext, job_id: str, point: tuple[str, int] | None
+) -> Checkpoint | None:
+    """Download the checkpoint ``point`` (job, epoch) names (on any machine) and load it."""
     from worker.training.checkpoints import load_checkpoint
 
-    point = resume_point(ctx.session_factory, job_id, spec)
     if point is None:
         return None
     source, epoch = point
@@ -387,9 +416,13 @@ def _train(ctx: WorkerContext, lease: Lease, flags: StopFlags) -> Outcome:
     hp = Hyperparameters.model_validate(spec.hyperparameters)
     train = load_split(settings.data_dir, train=True, download=settings.download_mnist)
     test = load_split(settings.data_dir, train=False, download=settings.download_mnist)
-    resume = fetch_resume(ctx, lease.job_id, spec)
-    history = [to_record(point) for point in resume.metrics] if resume else []
-    if not leases.replace_metrics(factory, lease, history):
+    point = resume_point(factory, lease.job_id, spec)
+    resume = fetch_resume(ctx, lease.job_id, point)
+    history = [to_record(p) for p in resume.metrics] if resume else []
+    # A requeued job's log keeps the lines up to its checkpoint; the rest is trained again.
+    own_epoch = point[1] if point is not None and point[0] == lease.job_id else -1
+    start = [events.line(_start_line(lease.job_id, point, device))]
+    if not leases.replace_metrics(factory, lease, history, after_epoch=own_epoch, lines=start):
         return Outcome.LOST
     writer = JobWriter(ctx, lease, flags)
     result = fit(
@@ -409,10 +442,15 @@ def _conclude(
         written = leases.finish(
             factory, lease, JobStatus.SUCCEEDED, test_loss=result.test_loss,
             test_accuracy=result.test_accuracy, metrics=writer.drain(),
+            lines=writer.drain_lines(),
         )  # fmt: skip
         return Outcome.SUCCEEDED if written else Outcome.LOST
     if flags.cancel.is_set():
-        written = leases.finish(factory, lease, JobStatus.CANCELLED, metrics=writer.drain())
+        written = leases.finish(
+            factory, lease, JobStatus.CANCELLED, metrics=writer.drain(),
+            lines=writer.drain_lines(),
+            message=f"cancelled at the user's request after {result.epochs_done} epoch(s)",
+        )  # fmt: skip
         return Outcome.CANCELLED if written else Outcome.LOST
     if flags.prune.is_set():  # stopped at a log interval; its epoch checkpoints stay
         written = leases.finish(factory, lease, JobStatus.PRUNED, metrics=writer.drain())

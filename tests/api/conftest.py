@@ -72,15 +72,17 @@ def migrated_postgres(postgres_database: Callable[[], str]) -> str:
     return url
 
 
+TABLES = ("webhook_attempt", "webhook_delivery", "webhook_endpoint", "job_event",
+          "dashboard_session", "artifact", "metric", "job", "sweep", "api_token", "user_account",
+          "worker")  # fmt: skip
+
+
 def empty_tables(database_url: str) -> None:
     """Delete every row, keeping the schema."""
     engine = make_engine(database_url)
     try:
         with engine.begin() as conn:
-            tables = (
-                "dashboard_session, artifact, metric, job, sweep, api_token, user_account, worker"
-            )
-            conn.execute(text(f"TRUNCATE {tables}"))
+            conn.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
     finally:
         engine.dispose()
 

@@ -48,6 +48,8 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path) -> I
         f"sqlite:///{db}",
         submit_rate_limit="100000/minute",
         max_queued_jobs_per_user=100000,
+        events_stream_seconds=0.2,
+        events_poll_seconds=0.05,
     )
     # The embedded broker's folder, so health answers 200 and not a (documented) 503.
     (settings_.broker_dir / "queue").mkdir(parents=True)

@@ -103,11 +103,17 @@ def test_submit_from_the_form_and_watch_it_succeed(
             field.fill(str(value))
     page.click("#new-job button[type=submit]")
     expect(page.locator(".flash.message")).to_contain_text("submitted")
-    expect(page.locator("#status")).to_have_text("succeeded", timeout=TRAIN_TIMEOUT_MS)
     job["id"] = page.url.rsplit("/", 1)[1]  # the later steps use this job, not another
+    # The log comes in live over the job's event stream while it trains.
+    log = page.locator("#log")
+    expect(log).to_contain_text("Train Epoch: 1 [0/60000 (0%)]", timeout=TRAIN_TIMEOUT_MS)
+    expect(log).to_have_attribute("data-mode", "stream")
+    expect(page.locator("#status")).to_have_text("succeeded", timeout=TRAIN_TIMEOUT_MS)
     # The page reloads once the job has finished (the server renders its plots); the curves
     # are drawn by the reloaded page's first poll.
     expect(page.locator('#job[data-status="succeeded"]')).to_be_attached()
+    expect(log).to_contain_text("succeeded: test loss ")
+    assert log.inner_text().startswith("claimed by worker ")
     for canvas in ("#loss-chart", "#accuracy-chart"):
         page.wait_for_function(f"() => document.querySelector('{canvas}').dataset.points > 0")
         assert painted_pixels(page, canvas) > 500, canvas

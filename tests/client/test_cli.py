@@ -56,6 +56,23 @@ def test_status_prints_a_summary_or_the_raw_json(server: Server, trained: Traine
     assert json.loads(raw.out) == server.api.job(trained.job.id)
 
 
+def test_logs_prints_the_jobs_log_and_follow_ends_with_the_job(
+    server: Server, trained: Trained
+) -> None:
+    printed = server.cli("logs", trained.job.id)
+    assert printed.code == 0, printed
+    lines = printed.out.splitlines()
+    assert lines[0].startswith("claimed by worker ") and lines[1] == "training from scratch on cpu"
+    assert lines[2].startswith("Test set: Avg. loss: ")  # the untrained net, before epoch 1
+    assert "Train Epoch: 1 [0/60000 (0%)]\tLoss: " in printed.out
+    assert lines[-1].startswith("succeeded: test loss ")
+    text = server.api.http.get(f"{server.url}/api/v1/jobs/{trained.job.id}/logs.txt", timeout=10)
+    assert printed.out == text.text
+    # -f on a finished job: everything, then it returns (the stream ends).
+    followed = server.cli("logs", "-f", trained.job.id, timeout=30)
+    assert followed.code == 0 and followed.out == printed.out, followed
+
+
 def test_download_fetches_every_artifact_and_each_sha256_matches(
     server: Server, trained: Trained, tmp_path: Path
 ) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import make_engine, make_session_factory
 from shared.migrate import upgrade
-from shared.models import Artifact, Job, Metric, Sweep, Worker
+from shared.models import Artifact, Job, JobEvent, Metric, Sweep, Worker
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -131,7 +131,7 @@ def pg_url(make_pg_database: Callable[[], str]) -> str:
 def clear_tables(factory: sessionmaker[Session]) -> None:
     """Delete every row, children first."""
     with factory() as session, session.begin():
-        for table in (Metric, Artifact, Job, Sweep, Worker):
+        for table in (JobEvent, Metric, Artifact, Job, Sweep, Worker):
             session.execute(delete(table))
 
 

@@ -126,7 +126,7 @@ def test_a_job_killed_on_one_machine_resumes_on_another_from_the_object_store(
     second = cluster.worker()
     job = cluster.api.wait_finished(job_id, timeout=120)
     assert (job["status"], job["attempt"]) == ("succeeded", 2), job["error"]
-    assert [m["epoch"] for m in job["test_metrics"]] == [1, 2]
+    assert [m["epoch"] for m in job["test_metrics"]] == [0, 1, 2]
     assert ran_on(cluster, job_id) == cluster.registry_id(second)
 
     names = set()

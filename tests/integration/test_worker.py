@@ -10,16 +10,22 @@ import contextlib
 import hashlib
 import itertools
 import os
+import re
 import signal
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from celery import Celery
 from sqlalchemy import select
+from standardwebhooks import Webhook
 
+from client import events as sse
+from client.events import ServerEvent
 from shared import workers
 from shared.celery_app import make_celery, publish_train
 from shared.config import Settings
@@ -135,9 +141,95 @@ def test_a_submitted_job_runs_and_reports_progress_to_success(
     assert job["status"] == "succeeded", job["error"]
     assert (job["attempt"], job["device_used"]) == (1, "cpu")
     assert job["test_accuracy"] >= 0.93
-    assert [m["epoch"] for m in job["test_metrics"]] == [1]
+    assert [m["epoch"] for m in job["test_metrics"]] == [0, 1]
     progress = job["progress"]
     assert (progress["epoch"], progress["step"]) == (1, progress["steps_per_epoch"])
+
+
+def log_of(stack: Stack, job_id: str) -> list[dict[str, Any]]:
+    """Every line of the job's log, page after page."""
+    lines: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        page = stack.api.get(f"/jobs/{job_id}/logs?after={after}&limit=50")
+        lines += page["lines"]
+        if page["complete"] or not page["lines"]:
+            return lines
+        after = page["next_after"]
+
+
+TRAIN_LINE = re.compile(r"Train Epoch: (\d+) \[(\d+)/60000 \((\d+)%\)\]\tLoss: \d+\.\d{6}")
+TEST_LINE = re.compile(r"Test set: Avg\. loss: \d+\.\d{4}, Accuracy: (\d+)/10000 \((\d+)%\)")
+
+
+def test_a_one_epoch_jobs_log_holds_the_claim_then_the_seeds_lines_once_each(
+    stack: Stack, trained: dict[str, Any]
+) -> None:
+    job = stack.api.wait_finished(trained["created"]["id"])
+    lines = log_of(stack, job["id"])
+    messages = [line["message"] for line in lines]
+    assert re.fullmatch(r"claimed by worker \w+ \(pid \d+\) on host .+, attempt 1", messages[0])
+    assert messages[1] == "training from scratch on cpu"
+    # The seed's test() before training (the untrained net guesses), then epoch 1 logged
+    # every log_interval=5 of its 100 batches of 128, then epoch 1's test.
+    untrained = TEST_LINE.fullmatch(messages[2])
+    assert untrained and 500 <= int(untrained.group(1)) <= 2000, messages[2]
+    assert messages[3].startswith("Train Epoch: 1 [0/60000 (0%)]\tLoss: ")
+    trains = [TRAIN_LINE.fullmatch(m) for m in messages[3:23]]
+    assert [int(m.group(2)) for m in trains if m] == [b * 128 for b in range(0, 100, 5)]
+    tested = TEST_LINE.fullmatch(messages[23])
+    assert tested and int(tested.group(1)) == round(job["test_accuracy"] * 10000)
+    assert messages[24] == f"succeeded: test loss {job['test_loss']:.4f}, accuracy " + (
+        f"{job['test_accuracy']:.2%}"
+    )
+    assert len(messages) == 25 and {line["attempt"] for line in lines} == {1}
+    seqs = [line["seq"] for line in lines]
+    assert seqs == sorted(set(seqs))
+    text = stack.api.http.get(f"{stack.api.base}/api/v1/jobs/{job['id']}/logs.txt", timeout=10)
+    assert text.text == "".join(f"{m}\n" for m in messages)
+
+
+def read_events(
+    stack: Stack, job_id: str, last_id: int | None, stop_after: int | None
+) -> list[ServerEvent]:
+    """The job's event stream (after ``last_id``): ``stop_after`` events, or all to ``end``."""
+    headers = {"Accept": "text/event-stream"}
+    if last_id is not None:
+        headers["Last-Event-ID"] = str(last_id)
+    url = f"{stack.api.base}/api/v1/jobs/{job_id}/events"
+    got: list[ServerEvent] = []
+    with stack.api.http.get(url, headers=headers, stream=True, timeout=(10, 30)) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        for event in sse.parse(sse.lines(response.iter_content(chunk_size=None))):
+            got.append(event)
+            if event.event == "end" or len(got) == stop_after:
+                break
+    return got
+
+
+def test_a_running_jobs_stream_sends_progress_every_log_interval_and_resumes_without_gaps(
+    stack: Stack,
+) -> None:
+    job_id = stack.api.submit({"hyperparameters": {"n_epochs": 1, **QUICK, "log_interval": 2}})[
+        "id"
+    ]
+    stack.api.wait(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] > 0)
+    first = read_events(stack, job_id, None, stop_after=30)  # then the connection drops
+    rest = read_events(stack, job_id, first[-1].id, stop_after=None)
+    assert rest[-1].event == "end"
+    whole = read_events(stack, job_id, None, stop_after=None)  # a replay from the start
+    ids = [e.id for e in first + rest[:-1]]
+    assert ids == [e.id for e in whole[:-1]]  # resumed exactly where it left off
+    trains = [e for e in whole if e.event == "metric" and e.data["kind"] == "train"]
+    progress = [e for e in whole if e.event == "progress"]
+    # 100 batches logged every 2: 50 train points, each written with its progress.
+    assert len(trains) == 50 and len(progress) >= 50
+    # Between two train points there is always a progress event: one per log interval.
+    between = "".join("t" if e in trains else "p" if e in progress else "" for e in whole)
+    assert "tt" not in between and between.endswith("p")
+    assert [e.data["status"] for e in whole if e.event == "status"] == ["running", "succeeded"]
+    assert progress[-1].data["fraction"] == 1.0
 
 
 def test_a_succeeded_job_lists_every_artifact_with_a_matching_sha256(
@@ -174,7 +266,7 @@ def test_the_same_message_delivered_twice_at_once_runs_the_job_once(stack: Stack
     metrics = stack.api.get(f"/jobs/{job_id}/metrics")
     steps = [point["step"] for point in metrics["train"]]
     assert steps == sorted(set(steps))
-    assert [point["epoch"] for point in metrics["test"]] == [1]
+    assert [point["epoch"] for point in metrics["test"]] == [0, 1]
 
 
 def test_a_job_resumes_from_another_jobs_checkpoint(stack: Stack, trained: dict[str, Any]) -> None:
@@ -187,8 +279,8 @@ def test_a_job_resumes_from_another_jobs_checkpoint(stack: Stack, trained: dict[
     assert job["status"] == "succeeded", job["error"]
     assert job["resume_from"] == {"job_id": source["id"], "epoch": 1}
     # Epoch 1 is the source's (carried in the checkpoint); this job trained epoch 2 only.
-    assert [m["epoch"] for m in job["test_metrics"]] == [1, 2]
-    assert job["test_metrics"][0] == source["test_metrics"][0]
+    assert [m["epoch"] for m in job["test_metrics"]] == [0, 1, 2]
+    assert job["test_metrics"][:2] == source["test_metrics"][:2]
     metrics = stack.api.get(f"/jobs/{job['id']}/metrics")
     assert min(p["step"] for p in metrics["train"] if p["epoch"] == 2) > max(
         p["step"] for p in metrics["train"] if p["epoch"] == 1
@@ -263,7 +355,7 @@ def test_cancelling_a_running_job_stops_it_at_the_next_heartbeat(stack: Stack) -
     assert job["finished_at"] is not None and job["test_accuracy"] is None
     # What it trained is kept: the epoch-1 checkpoint can be resumed from.
     assert "checkpoints/epoch-1.pt" in {a["name"] for a in job["artifacts"]}
-    assert [m["epoch"] for m in job["test_metrics"]] == [1]
+    assert [m["epoch"] for m in job["test_metrics"]] == [0, 1]
     finished = stack.api.http.post(f"{stack.api.base}/api/v1/jobs/{job_id}/cancel", timeout=10)
     assert finished.status_code == 409, finished.text
 
@@ -300,7 +392,7 @@ def test_a_worker_shut_down_gracefully_hands_its_job_back_at_once(stack: Stack) 
     stack.worker = stack.new_worker().start()
     done = stack.api.wait_finished(job_id)
     assert (done["status"], done["attempt"]) == ("succeeded", 1)
-    assert [m["epoch"] for m in done["test_metrics"]] == [1, 2]
+    assert [m["epoch"] for m in done["test_metrics"]] == [0, 1, 2]
 
 
 def in_epoch_2(job: dict[str, Any]) -> bool:
@@ -329,9 +421,30 @@ def test_a_killed_workers_job_is_requeued_and_finished_by_a_fresh_worker(stack: 
     print(f"SIGKILL → running again on a fresh worker {resumed_after:.2f}s")
     assert (job["status"], job["attempt"]) == ("succeeded", 2), job["error"]
     assert resumed["lease"]["expired"] is False
-    assert [m["epoch"] for m in job["test_metrics"]] == [1, 2]
+    assert [m["epoch"] for m in job["test_metrics"]] == [0, 1, 2]
     steps = [p["step"] for p in stack.api.get(f"/jobs/{job_id}/metrics")["train"]]
     assert all(a < b for a, b in itertools.pairwise(steps)), steps
+    _assert_resumed_log(log_of(stack, job_id))
+
+
+def _assert_resumed_log(lines: list[dict[str, Any]]) -> None:
+    """Attempt 1 up to its checkpoint, the lease lost, attempt 2 from it: each line once."""
+    messages = [line["message"] for line in lines]
+    lost = next(i for i, m in enumerate(messages) if m.startswith("lease lost: "))
+    first, second = lines[:lost], lines[lost + 1 :]
+    assert {line["attempt"] for line in first} == {1}, messages
+    assert {line["attempt"] for line in second} == {2}, messages
+    assert messages[lost].endswith("queued again, to resume from its newest checkpoint")
+    assert second[0]["message"].endswith(", attempt 2")
+    assert second[1]["message"] == (
+        "resumed from its own checkpoint checkpoints/epoch-1.pt (epoch 1) on cpu"
+    )
+    # Attempt 1's epoch-2 lines, trained again by attempt 2, are gone: no line twice.
+    trains = [m for m in messages if m.startswith("Train Epoch: ")]
+    assert len(trains) == len(set(m.split("\t")[0] for m in trains)) == 100
+    assert not any(m.startswith("Train Epoch: 2 ") for m in (x["message"] for x in first))
+    assert sum(m.startswith("Test set: ") for m in messages) == 3  # epochs 0, 1 and 2
+    assert messages[-1].startswith("succeeded: ")
 
 
 # Reaches NaN within the first log intervals: weight decay 1 at lr 10 multiplies every
@@ -501,7 +614,7 @@ def test_a_frozen_worker_loses_its_job_and_writes_nothing_after_it_wakes(stack: 
     assert after == before  # not one row, column or file changed once it woke
     steps = [p["step"] for p in stack.api.get(f"/jobs/{job_id}/metrics")["train"]]
     assert all(a < b for a, b in itertools.pairwise(steps)), steps
-    assert [m["epoch"] for m in done["test_metrics"]] == [1]
+    assert [m["epoch"] for m in done["test_metrics"]] == [0, 1]
 
 
 SOAK_TRIALS = 5
@@ -556,5 +669,114 @@ def test_soak_sigkill_mid_epoch_2_and_a_restarted_worker_finishes_the_job(
     print(f"soak trial {trial}: {job['status']}, attempt {job['attempt']}, "
           f"kill → resumed {resumed_after:.1f}s")  # fmt: skip
     assert (job["status"], job["attempt"]) == ("succeeded", 2), job["error"]
-    assert epochs == [1, 2]
+    assert epochs == [0, 1, 2]
     assert all(a < b for a, b in itertools.pairwise(steps)), steps
+
+
+def test_metrics_parse_and_count_jobs_as_the_database_does(
+    stack: Stack, trained: dict[str, Any]
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+    from sqlalchemy import func
+
+    quick = trained["created"]["id"]
+    diverging = stack.api.submit({"hyperparameters": {"n_epochs": 1, **QUICK, **DIVERGES}})["id"]
+    waiting = stack.api.submit({"hyperparameters": {"n_epochs": 1, "device": "cuda"}})["id"]
+    stack.api.http.post(f"{stack.api.base}/api/v1/jobs/{waiting}/cancel", timeout=10)
+    ends = {stack.api.wait_finished(job_id)["status"] for job_id in (quick, diverging, waiting)}
+    assert ends == {"succeeded", "failed", "cancelled"}
+    response = stack.api.http.get(f"{stack.api.base}/metrics", timeout=10)
+    assert response.status_code == 200, response.text
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    jobs = {
+        (s.labels["status"], s.labels["queue"]): s.value for s in families["mnistq_jobs"].samples
+    }
+    finished = {s.labels["status"]: s.value for s in families["mnistq_jobs_finished"].samples
+                if s.name.endswith("_total")}  # fmt: skip
+    with stack.db() as session:
+        rows = session.execute(
+            select(Job.status, Job.queue, func.count()).group_by(Job.status, Job.queue)
+        )
+        expected = {(status, queue): count for status, queue, count in rows}
+    assert jobs == expected
+    for status in ("succeeded", "failed", "cancelled"):
+        assert finished[status] == sum(n for (s, _), n in expected.items() if s == status) >= 1
+    # Counted in gunicorn's worker processes (PROMETHEUS_MULTIPROC_DIR), summed at the scrape.
+    polls = [s for s in families["mnistq_http_requests"].samples
+             if s.labels.get("endpoint") == "jobs.get" and s.name.endswith("_total")]  # fmt: skip
+    assert sum(s.value for s in polls) >= 3
+
+
+class Receiver(BaseHTTPRequestHandler):
+    """A webhook receiver: records each post, answers the codes queued in ``answers``."""
+
+    got: ClassVar[list[tuple[dict[str, str], bytes]]] = []
+    answers: ClassVar[list[int]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(Receiver.answers.pop(0) if Receiver.answers else 200)
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[str]:
+    """A receiver on loopback, its records empty; yields its URL."""
+    Receiver.got, Receiver.answers = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+
+
+def wait_posts(count: int, timeout: float = 30) -> list[tuple[dict[str, str], bytes]]:
+    deadline = time.monotonic() + timeout
+    while len(Receiver.got) < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{len(Receiver.got)} webhook posts after {timeout}s, expected {count}")
+        time.sleep(0.1)
+    return list(Receiver.got)
+
+
+def test_a_receiver_gets_job_succeeded_signed_with_the_endpoints_secret(
+    stack: Stack, receiver: str
+) -> None:
+    created = stack.api.http.post(f"{stack.api.base}/api/v1/webhooks", timeout=10,
+                                  json={"url": receiver, "events": ["job.succeeded"]})  # fmt: skip
+    assert created.status_code == 201, created.text
+    job_id = stack.api.submit({"name": "hooked", "hyperparameters": {"n_epochs": 1, **QUICK}})["id"]
+    assert stack.api.wait_finished(job_id)["status"] == "succeeded"
+    [(headers, body)] = wait_posts(1)
+    message = Webhook(created.json()["secret"]).verify(body, headers)
+    assert message["type"] == "job.succeeded" and message["data"]["id"] == job_id
+    assert message["data"]["status"] == "succeeded" and message["data"]["name"] == "hooked"
+    assert message["data"]["test_accuracy"] == stack.api.job(job_id)["test_accuracy"]
+    stack.api.http.delete(f"{stack.api.base}/api/v1/webhooks/{created.json()['id']}", timeout=10)
+
+
+def test_a_receiver_failing_three_times_gets_the_event_on_the_fourth_try_once(
+    stack: Stack, receiver: str
+) -> None:
+    Receiver.answers = [500, 500, 500, 200]
+    hook = {"url": receiver, "events": ["job.failed"]}
+    created = stack.api.http.post(f"{stack.api.base}/api/v1/webhooks", json=hook, timeout=10).json()
+    body = {"hyperparameters": {"n_epochs": 1, **QUICK, **DIVERGES}}
+    job_id = stack.api.submit(body)["id"]
+    assert stack.api.wait_finished(job_id)["status"] == "failed"
+    posts = wait_posts(4)
+    time.sleep(2)  # a fifth post would come within a couple of maintenance passes
+    assert len(Receiver.got) == 4
+    assert len({headers["webhook-id"] for headers, _ in posts}) == 1  # one event, four tries
+    log = stack.api.get(f"/webhooks/{created['id']}/deliveries")["items"]
+    assert [(d["event_type"], d["status"], d["attempts"]) for d in log] == [
+        ("job.failed", "succeeded", 4)
+    ]
+    tries = log[0]["tries"]
+    assert [(t["number"], t["outcome"], t["status_code"]) for t in tries] == [
+        (1, "failed", 500), (2, "failed", 500), (3, "failed", 500), (4, "succeeded", 200)
+    ]  # fmt: skip
+    stack.api.http.delete(f"{stack.api.base}/api/v1/webhooks/{created['id']}", timeout=10)

@@ -51,6 +51,10 @@ def test_train_then_resume_writes_everything(
     first = CliRunner().invoke(cli, ["train", "--n-epochs", "1", *common])
     assert first.exit_code == 0, first.output
     assert "completed after 1 epoch(s)" in first.output and "accuracy" in first.output
+    # The seed's own lines: a test of the untrained net, then the train log.
+    assert first.output.index("Test set: Avg. loss: ") < first.output.index(
+        "Train Epoch: 1 [0/60000 (0%)]\tLoss: "
+    )
     for name in ("model.pth", "optimizer.pth", "examples.png", "loss_curve.png",
                  "predictions.png", "metrics.json", "checkpoints/epoch-1.pt"):  # fmt: skip
         assert (out / name).is_file(), name
@@ -60,5 +64,5 @@ def test_train_then_resume_writes_everything(
     assert resumed.exit_code == 0, resumed.output
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["epochs_done"] == 2
-    assert [p["epoch"] for p in summary["metrics"] if p["kind"] == "test"] == [1, 2]
+    assert [p["epoch"] for p in summary["metrics"] if p["kind"] == "test"] == [0, 1, 2]
     assert summary["hyperparameters"]["n_epochs"] == 2

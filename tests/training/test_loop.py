@@ -60,6 +60,7 @@ class Recorder:
         self.progress: list[Progress] = []
         self.metrics: list[MetricPoint] = []
         self.artifacts: list[tuple[str, str, Path]] = []
+        self.lines: list[str] = []
         self.polls = 0
         self.stop_after = stop_after
 
@@ -72,6 +73,7 @@ class Recorder:
             on_progress=self.progress.append,
             on_metrics=self.metrics.extend,
             on_artifact=lambda *a: self.artifacts.append(a),
+            on_line=self.lines.append,
             should_stop=self.should_stop,
         )
 
@@ -89,7 +91,9 @@ def test_fit_logs_like_the_seed_and_writes_every_artifact(
     ]
     assert [p.step for p in train_points] == [1, 4, 7, 10, 11, 14, 17, 20]
     tests = [p for p in result.metrics if p.kind == "test"]
-    assert [(p.epoch, p.step, p.samples_seen) for p in tests] == [(1, 10, 600), (2, 20, 1200)]
+    assert [(p.epoch, p.step, p.samples_seen) for p in tests] == [
+        (0, 0, 0), (1, 10, 600), (2, 20, 1200)
+    ]  # fmt: skip
     assert result.test_accuracy is not None and result.test_accuracy > 0.9
     assert rec.metrics == result.metrics
     assert rec.progress[-1].samples_seen == 1200 and rec.progress[-1].global_step == 20
@@ -103,7 +107,51 @@ def test_fit_logs_like_the_seed_and_writes_every_artifact(
     assert all(path.stat().st_size > 0 for _, _, path in rec.artifacts)
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     summary = json.loads((tmp_path / "metrics.json").read_text())
-    assert summary["test_accuracy"] == result.test_accuracy and len(summary["metrics"]) == 10
+    assert summary["test_accuracy"] == result.test_accuracy and len(summary["metrics"]) == 11
+
+
+def test_fit_prints_the_seeds_lines_a_test_before_training_first(
+    tiny_train: MnistSplit, tiny_test: MnistSplit, tmp_path: Path
+) -> None:
+    rec = Recorder()
+    result = run(tiny_hp(), tiny_train, tiny_test, tmp_path, hooks=rec.hooks())
+    untrained = result.metrics[0]
+    assert (untrained.kind, untrained.epoch, untrained.samples_seen) == ("test", 0, 0)
+    assert untrained.accuracy is not None
+    correct = round(untrained.accuracy * 200)
+    assert rec.lines[0] == (
+        f"Test set: Avg. loss: {untrained.loss:.4f}, Accuracy: {correct}/200 "
+        f"({100 * correct / 200:.0f}%)"
+    )
+    first_train = result.metrics[1]
+    # 600 images in 10 batches of 64: batch_idx 3 is 192 images in, 30 % of the batches.
+    assert rec.lines[1] == f"Train Epoch: 1 [0/600 (0%)]\tLoss: {first_train.loss:.6f}"
+    assert rec.lines[2].startswith("Train Epoch: 1 [192/600 (30%)]\tLoss: ")
+    kinds = ["test" if line.startswith("Test set: ") else "train" for line in rec.lines]
+    assert kinds == [p.kind for p in result.metrics]
+
+
+def test_a_resumed_fit_does_not_test_the_untrained_net_again(
+    tiny_train: MnistSplit, tiny_test: MnistSplit, tmp_path: Path
+) -> None:
+    run(tiny_hp(n_epochs=1), tiny_train, tiny_test, tmp_path / "a", max_train_batches=2)
+    ckpt = load_checkpoint(tmp_path / "a" / "checkpoints" / "epoch-1.pt")
+    rec = Recorder()
+    resumed = run(tiny_hp(), tiny_train, tiny_test, tmp_path / "b", resume=ckpt,
+                  max_train_batches=2, hooks=rec.hooks())  # fmt: skip
+    assert [(p.kind, p.epoch) for p in resumed.metrics if p.kind == "test"] == [
+        ("test", 0), ("test", 1), ("test", 2)
+    ]  # fmt: skip
+    assert [p.epoch for p in rec.metrics if p.kind == "test"] == [2]
+    assert rec.lines[0].startswith("Train Epoch: 2 [0/600 (0%)]")
+
+
+def test_the_test_before_training_can_be_left_out(
+    tiny_train: MnistSplit, tiny_test: MnistSplit, tmp_path: Path
+) -> None:
+    result = run(tiny_hp(n_epochs=1), tiny_train, tiny_test, tmp_path, max_train_batches=2,
+                 initial_test=False)  # fmt: skip
+    assert [p.epoch for p in result.metrics if p.kind == "test"] == [1]
 
 
 def test_evaluate_averages_summed_nll_over_examples(tiny_test: MnistSplit) -> None:

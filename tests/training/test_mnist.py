@@ -52,7 +52,11 @@ def seed_run(
 
 
 def test_one_epoch_of_the_seed_recipe_passes_93_percent(seed_run: tuple[FitResult, Path]) -> None:
-    first = next(p for p in seed_run[0].metrics if p.kind == "test")
+    untrained, first = [p for p in seed_run[0].metrics if p.kind == "test"][:2]
+    # The seed's test() before training: the untrained net guesses (about 10 %, loss ~2.30).
+    assert (untrained.epoch, untrained.samples_seen) == (0, 0)
+    assert untrained.accuracy is not None and 0.05 <= untrained.accuracy <= 0.2
+    assert 2.2 <= untrained.loss <= 2.4
     assert first.epoch == 1 and first.samples_seen == 60000
     assert first.accuracy is not None and first.accuracy >= 0.935
 
@@ -63,7 +67,12 @@ def test_three_epochs_of_the_seed_recipe_pass_96_5_percent(
     result = seed_run[0]
     assert result.status == "completed" and result.epochs_done == 3
     assert result.test_accuracy is not None and result.test_accuracy >= 0.965
-    assert [p.samples_seen for p in result.metrics if p.kind == "test"] == [60000, 120000, 180000]
+    assert [p.samples_seen for p in result.metrics if p.kind == "test"] == [
+        0,
+        60000,
+        120000,
+        180000,
+    ]
     train_points = [p for p in result.metrics if p.kind == "train"]
     assert len(train_points) == 3 * 94  # 938 batches, logged at batch_idx % 10 == 0
 

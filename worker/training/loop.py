@@ -37,6 +37,8 @@ __all__ = [
     "TrainingDiverged",
     "evaluate",
     "fit",
+    "format_test_line",
+    "format_train_line",
     "make_optimizer",
     "train_epoch",
 ]
@@ -77,6 +79,7 @@ class Hooks:
     on_progress: Callable[[Progress], None] = _noop  # each log interval and epoch end
     on_metrics: Callable[[list[MetricPoint]], None] = _noop  # train points as logged; test points
     on_artifact: Callable[[str, str, Path], None] = _noop  # (name, kind, path) once written
+    on_line: Callable[[str], None] = _noop  # the seed's printed lines (train logs, test results)
     should_stop: Callable[[], bool] = _never  # polled each log interval and between epochs
 
 
@@ -201,6 +204,27 @@ def evaluate(
     return loss_sum / len(split), correct / len(split)
 
 
+def format_train_line(
+    epoch: int, batch_idx: int, batch_size: int, n_train: int, loss: float
+) -> str:
+    """The seed's train line: ``Train Epoch: 1 [640/60000 (1%)]``, a tab, ``Loss: 2.273389``."""
+    n_batches = math.ceil(n_train / batch_size)
+    done = batch_idx * batch_size
+    return (
+        f"Train Epoch: {epoch} [{done}/{n_train} ({100.0 * batch_idx / n_batches:.0f}%)]"
+        f"\tLoss: {loss:.6f}"
+    )
+
+
+def format_test_line(loss: float, accuracy: float, n_test: int) -> str:
+    """The seed's test line: ``Test set: Avg. loss: 0.2020, Accuracy: 9392/10000 (94%)``."""
+    correct = round(accuracy * n_test)
+    return (
+        f"Test set: Avg. loss: {loss:.4f}, Accuracy: {correct}/{n_test} "
+        f"({100.0 * correct / n_test:.0f}%)"
+    )
+
+
 @dataclass
 class _Run:
     """Counters, metric history and timing of one fit call; makes the points and progress."""
@@ -209,6 +233,7 @@ class _Run:
     hooks: Hooks
     n_train: int
     steps_per_epoch: int
+    n_test: int
     metrics: list[MetricPoint] = field(default_factory=list)
     global_step: int = 0
     samples_seen: int = 0
@@ -237,6 +262,8 @@ class _Run:
         self.metrics.append(point)
         self.last_train_loss = loss
         self.hooks.on_metrics([point])
+        batch = self.hp.batch_size_train
+        self.hooks.on_line(format_train_line(epoch, batch_idx, batch, self.n_train, loss))
         done = min((batch_idx + 1) * self.hp.batch_size_train, self.n_train)
         self.progress(epoch, batch_idx + 1, done)
 
@@ -250,10 +277,15 @@ class _Run:
         self.global_step += done.batches
         self.samples_seen += done.samples
         self.samples_this_call += done.samples
+        self.record_test(epoch, test_loss, accuracy)
+
+    def record_test(self, epoch: int, test_loss: float, accuracy: float) -> None:
+        """The test point after ``epoch`` (0: the untrained net) and the seed's line for it."""
         point = MetricPoint("test", epoch, self.global_step, self.samples_seen, test_loss,
                             accuracy, self.seconds())  # fmt: skip
         self.metrics.append(point)
         self.hooks.on_metrics([point])
+        self.hooks.on_line(format_test_line(test_loss, accuracy, self.n_test))
 
     def progress(self, epoch: int, step_in_epoch: int, samples_in_epoch: int) -> None:
         """Tell the caller where the epoch stands."""
@@ -324,14 +356,19 @@ def fit(
     resume: Checkpoint | None = None,
     max_train_batches: int | None = None,
     max_test_samples: int | None = None,
+    initial_test: bool = True,
 ) -> FitResult:
-    """Train ``hp.model`` to ``hp.n_epochs`` (from ``resume`` when given) and write artifacts."""
+    """Train ``hp.model`` to ``hp.n_epochs`` (from ``resume`` when given) and write artifacts.
+
+    A fresh run first tests the untrained net, as the seed does (``test()`` before epoch 1):
+    an epoch-0 test point at 0 examples seen. A resumed run has it in its history already.
+    """
     hooks = hooks or Hooks()
     out_dir.mkdir(parents=True, exist_ok=True)
     model, optimizer, generator = _prepare(hp, device)
     train, test = train.to(device), test.head(max_test_samples).to(device)
     steps = math.ceil(len(train) / hp.batch_size_train)
-    run = _Run(hp, hooks, len(train), min(steps, max_train_batches or steps))
+    run = _Run(hp, hooks, len(train), min(steps, max_train_batches or steps), len(test))
     first_epoch = 1
     if resume is not None:
         _restore(resume, hp, model, optimizer, generator)
@@ -342,6 +379,10 @@ def fit(
     for epoch in range(first_epoch, hp.n_epochs + 1):
         if hooks.should_stop():
             return _result("stopped", epoch - 1, run, device)
+        if epoch == 1 and initial_test:
+            # Dropout is off and no random stream is drawn: later numbers do not change.
+            untrained = evaluate(model, test, batch_size=hp.batch_size_test, device=device)
+            run.record_test(0, *untrained)
         _set_epoch_learning_rate(optimizer, hp, epoch)
         done = train_epoch(
             model, optimizer, train, epoch=epoch, batch_size=hp.batch_size_train,

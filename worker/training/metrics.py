@@ -11,7 +11,7 @@ class MetricPoint:
     """A train loss as the seed logs it, or a test loss and accuracy after an epoch."""
 
     kind: str  # "train" | "test"
-    epoch: int  # 1-based
+    epoch: int  # 1-based; 0 for the test of the untrained net before training
     step: int  # global batch counter across epochs (batches done so far)
     samples_seen: int  # training examples seen so far, as the seed's train_counter counts
     loss: float

@@ -43,7 +43,7 @@ def save_examples(split: MnistSplit, path: Path) -> None:
 
 
 def save_loss_curve(metrics: Sequence[MetricPoint], path: Path) -> None:
-    """``loss_curve.png``: train loss against examples seen, test loss per epoch as dots."""
+    """``loss_curve.png``: train loss by examples seen; test losses as red dots (0: untrained)."""
     train = [p for p in metrics if p.kind == "train"]
     test = [p for p in metrics if p.kind == "test"]
     fig = Figure(figsize=(9, 5), layout="constrained")
@@ -61,7 +61,7 @@ def save_loss_curve(metrics: Sequence[MetricPoint], path: Path) -> None:
         color="tab:red",
         zorder=3,
         s=40,
-        label="Test loss (end of epoch)",
+        label="Test loss (before training, after each epoch)",
     )
     ax.set_xlabel("number of training examples seen")
     ax.set_ylabel("negative log likelihood loss")

@@ -1,4 +1,5 @@
-// The job page: poll the job and its metrics, draw the curves, reload once it finishes.
+// The job page: follow the job's event stream (its log, progress and results), draw the
+// curves, reload once it finishes; poll where the stream is not available.
 "use strict";
 
 (function () {
@@ -52,5 +53,59 @@
     return true;
   }
 
-  m.poll(refresh, 1000);
+  const log = document.getElementById("log");
+  let lastSeq = 0;
+
+  function addLine(seq, message) {
+    if (seq <= lastSeq) return;
+    lastSeq = seq;
+    const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+    log.append(message + "\n");
+    if (atBottom) log.scrollTop = log.scrollHeight;
+  }
+
+  // Charts and figures are read again at most every 2 s while points stream in.
+  let pending = null;
+  function refreshSoon() {
+    if (pending === null) pending = setTimeout(function () { pending = null; refresh(); }, 2000);
+  }
+
+  function follow() {
+    const stream = new EventSource(root.dataset.events);
+    let opened = false;
+    stream.onopen = function () { opened = true; log.dataset.mode = "stream"; };
+    stream.addEventListener("log", function (e) {
+      const line = JSON.parse(e.data);
+      addLine(line.seq, line.message);
+    });
+    stream.addEventListener("progress", function (e) {
+      const p = JSON.parse(e.data);
+      document.getElementById("progress").value = p.fraction;
+      document.getElementById("progress-text").textContent =
+        "epoch " + p.epoch + "/" + p.n_epochs + ", " + p.samples_seen + "/" + p.total_samples + " samples";
+    });
+    stream.addEventListener("metric", refreshSoon);
+    stream.addEventListener("status", function () { refresh(); });
+    stream.addEventListener("end", function () { stream.close(); refresh(); });
+    stream.onerror = function () {
+      // EventSource reconnects by itself (with Last-Event-ID); a stream that never opened
+      // is not there (a proxy, an old server): poll instead.
+      if (!opened) { stream.close(); pollInstead(); }
+    };
+  }
+
+  async function pollLog() {
+    const page = await m.getJSON(root.dataset.logs + "?after=" + lastSeq);
+    page.lines.forEach(function (line) { addLine(line.seq, line.message); });
+    return !page.complete;
+  }
+
+  function pollInstead() {
+    log.dataset.mode = "poll";
+    m.poll(pollLog, 1000);
+    m.poll(refresh, 1000);
+  }
+
+  refresh();
+  if (window.EventSource) follow(); else pollInstead();
 })();
