@@ -5,9 +5,9 @@ from __future__ import annotations
 from flask import Flask
 
 from api.extensions import Publish, Services
-from shared.artifacts import ArtifactStore
 from shared.celery_app import celery_publisher
 from shared.config import Settings, get_settings
+from shared.store import make_store
 
 
 def create_app(settings: Settings | None = None, *, publish: Publish | None = None) -> Flask:
@@ -27,6 +27,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
         predict,
         security,
         users,
+        workers,
     )
 
     settings = settings or get_settings()
@@ -35,7 +36,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     app.json.sort_keys = False  # type: ignore[attr-defined]
     # "//etc/passwd" must reach the artifact route (and its 400), not redirect as HTML.
     app.url_map.merge_slashes = False
-    store = ArtifactStore(settings.artifact_dir)
+    store = make_store(settings)
     services = Services(settings, publish or celery_publisher(settings), store)
     extensions.init_app(app, services)
     db.init_app(app, settings.database_url)
@@ -44,6 +45,9 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     limits.init_app(app, settings)
     security.init_app(app, settings)
     dashboard.init_app(app, settings)
-    for blueprint in (jobs.bp, artifacts.bp, health.bp, users.bp, openapi.bp, docs.bp, predict.bp):
+    blueprints = (
+        jobs.bp, artifacts.bp, health.bp, users.bp, workers.bp, openapi.bp, docs.bp, predict.bp,
+    )  # fmt: skip
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     return app

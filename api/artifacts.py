@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import PurePosixPath
+from typing import BinaryIO
 
-from flask import Blueprint, send_file
+from flask import Blueprint, Response, request
 from flask.typing import ResponseReturnValue
 
 from api.auth import owner_scope
@@ -18,6 +21,7 @@ from shared.schemas import ArtifactListOut
 
 bp = Blueprint("artifacts", __name__, url_prefix="/api/v1/jobs/<job_id>/artifacts")
 
+CHUNK_BYTES = 256 * 1024
 CONTENT_TYPES = {
     ".png": "image/png",
     ".svg": "image/svg+xml",
@@ -57,17 +61,30 @@ def index(job_id: str) -> ResponseReturnValue:
     errors=(400, 404, 503),
 )
 def download(job_id: str, name: str) -> ResponseReturnValue:
-    """The file itself, as an attachment, with its length and an ETag of its sha256."""
+    """The file itself, streamed from the artifact store, with its length and sha256 ETag."""
     validate_name(name)
     session = get_session()
     job = get_job(session, job_id, owner_id=owner_scope())
     artifact = get_artifact(session, job.id, name)
-    path = services().store.open_existing(job.id, artifact.name)
-    return send_file(
-        path,
-        mimetype=content_type(name),
-        as_attachment=True,
-        download_name=PurePosixPath(name).name,
-        etag=artifact.sha256,
-        conditional=True,
-    )
+    response = Response(status=200, mimetype=content_type(name))
+    response.set_etag(artifact.sha256)
+    response.headers["Content-Disposition"] = f"attachment; filename={PurePosixPath(name).name}"
+    response.make_conditional(request)
+    if response.status_code == 304:
+        return response
+    # Opened before the first byte is sent, so a missing object or a store outage is still
+    # a JSON 404 or 503 rather than a broken download.
+    opened = services().store.open(job.id, artifact.name)
+    stream = opened.__enter__()
+    response.response = _chunks(stream, opened)
+    response.content_length = artifact.size
+    return response
+
+
+def _chunks(stream: BinaryIO, opened: AbstractContextManager[BinaryIO]) -> Iterator[bytes]:
+    """The object's bytes in chunks; the stream is closed however the download ends."""
+    try:
+        while chunk := stream.read(CHUNK_BYTES):
+            yield chunk
+    finally:
+        opened.__exit__(None, None, None)

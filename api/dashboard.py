@@ -25,7 +25,8 @@ from api.extensions import services
 from api.jobs import publish_job
 from api.limits import check_submit_rate
 from api.predict import image_body, predict_for_job
-from api.serialize import job_json, jobs_json
+from api.serialize import dump, job_json, jobs_json
+from api.workers import queue_out, worker_out
 from shared.config import Settings
 from shared.jobs import (
     InvalidJobRequest,
@@ -36,6 +37,7 @@ from shared.jobs import (
     list_jobs,
     request_cancel,
 )
+from shared.workers import WorkerNotFound, list_workers, queue_summary, request_drain
 
 bp = Blueprint("dashboard", __name__)
 
@@ -173,6 +175,31 @@ def cancel(job_id: str) -> ResponseReturnValue:
     except JobConflict as exc:
         flash(str(exc), "error")
     return redirect(url_for("dashboard.job", job_id=job_id))
+
+
+@bp.get("/ui/workers")
+@public
+def workers_page() -> ResponseReturnValue:
+    """Workers (hostname, pid, queues, slots, jobs, last seen, state) and queues."""
+    session = get_session()
+    found = [dump(worker_out(view)) for view in list_workers(session, owner_id=owner_scope())]
+    queues = [dump(queue_out(view)) for view in queue_summary(session)]
+    return render_template("dashboard/workers.html", workers=found, queues=queues)
+
+
+@bp.post("/ui/workers/<worker_id>/drain")
+@public
+def drain_worker(worker_id: str) -> ResponseReturnValue:
+    """Drain from the Workers page (admins only), then show it again."""
+    if not g.user.is_admin:
+        flash("Only an admin may drain a worker.", "error")
+    else:
+        try:
+            request_drain(get_session(), worker_id)
+            flash("The worker finishes what it runs, takes nothing new, then exits.")
+        except WorkerNotFound as exc:
+            flash(str(exc), "error")
+    return redirect(url_for("dashboard.workers_page"))
 
 
 @bp.get("/ui/compare")

@@ -27,6 +27,8 @@ from shared.jobs import (
     JobNotFound,
     TooManyQueuedJobs,
 )
+from shared.store import StoreUnavailable
+from shared.workers import WorkerNotFound
 
 logger = logging.getLogger(__name__)
 QUEUE_FULL_RETRY_SECONDS = 30  # a guess at when a queued job will have started
@@ -118,6 +120,11 @@ def _broker_down(exc: BrokerUnavailable) -> Response:
     return error_response(503, "broker_unavailable", "the message broker is not reachable")
 
 
+def _store_down(exc: StoreUnavailable) -> Response:
+    logger.warning("artifact store unavailable: %s", exc)
+    return error_response(503, "store_unavailable", "the artifact store is not reachable right now")
+
+
 def _unexpected(exc: Exception) -> Response:
     logger.exception("unhandled error")
     return error_response(500, "internal_error", "an unexpected error occurred; it was logged")
@@ -143,6 +150,7 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(JobNotFound, _simple(404, "job_not_found"))
+    app.register_error_handler(WorkerNotFound, _simple(404, "worker_not_found"))
     app.register_error_handler(ArtifactNotFound, _simple(404, "artifact_not_found"))
     app.register_error_handler(InvalidArtifactName, _simple(400, "invalid_artifact_name"))
     app.register_error_handler(JobConflict, _simple(409, "job_state_conflict"))
@@ -153,4 +161,5 @@ def init_app(app: Flask) -> None:
     for db_error in (OperationalError, InterfaceError, PoolTimeout):
         app.register_error_handler(db_error, _database_down)
     app.register_error_handler(BrokerUnavailable, _broker_down)
+    app.register_error_handler(StoreUnavailable, _store_down)
     app.register_error_handler(Exception, _unexpected)

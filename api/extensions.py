@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from flask import Flask, current_app
 
-from shared.artifacts import ArtifactStore
 from shared.config import Settings
+from shared.store import ArtifactStore
 
 KEY = "mnistq"
 Publish = Callable[[str, str], None]  # publish(job_id, queue); raises BrokerUnavailable

@@ -24,6 +24,7 @@ from shared.jobs import (
     mark_published,
     metric_series,
     request_cancel,
+    set_priority,
 )
 from shared.models import Job
 from shared.schemas import (
@@ -31,6 +32,7 @@ from shared.schemas import (
     JobCreate,
     JobOut,
     JobPageOut,
+    JobPatch,
     ListJobsQuery,
     MetricsOut,
     MetricsQuery,
@@ -118,6 +120,20 @@ def get(job_id: str) -> ResponseReturnValue:
     """Status, progress, results, artifacts and links of one job."""
     session = get_session()
     return conditional_json(job_json(session, get_job(session, job_id, owner_id=owner_scope())))
+
+
+@bp.patch("/<job_id>")
+@operation(
+    summary="Change a queued job",
+    body=JobPatch,
+    responses={200: JobOut},
+    errors=(400, 404, 409, 413, 422, 503),
+)
+def patch(job_id: str) -> ResponseReturnValue:
+    """Set a queued job's priority; 409 once it runs or has finished."""
+    body = json_body(JobPatch)
+    session = get_session()
+    return job_json(session, set_priority(session, job_id, body.priority, owner_id=owner_scope()))
 
 
 @bp.post("/<job_id>/cancel")

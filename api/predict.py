@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -19,10 +20,10 @@ from api.errors import ApiError
 from api.extensions import services
 from api.openapi import operation
 from api.serialize import dump
-from shared.artifacts import ArtifactStore
 from shared.jobs import JobConflict, get_artifact, get_job
 from shared.models import Job, JobStatus
 from shared.schemas import PredictionOut
+from shared.store import ArtifactStore
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("predict", __name__, url_prefix="/api/v1/jobs")
@@ -99,13 +100,14 @@ def predict_for_job(
     if job.status != JobStatus.SUCCEEDED:
         raise JobConflict(f"job {job.id} is {job.status}; only a succeeded job can predict")
     artifact = get_artifact(session, job.id, MODEL_FILE)
-    path = store.open_existing(job.id, artifact.name)
     # torch loads here, on the first prediction, never when the API starts.
     from worker.training import predict as engine
 
     tensor = _preprocess(engine, image_bytes)
     model_name = str(job.hyperparameters.get("model", "tutorial_cnn"))
-    model = models.get((job.id, artifact.sha256), lambda: _load(engine, path, model_name))
+    model = models.get(
+        (job.id, artifact.sha256), lambda: _load(engine, store, job.id, artifact.name, model_name)
+    )
     digit, probabilities = engine.predict(model, tensor)
     out = PredictionOut(
         job_id=job.id,
@@ -130,12 +132,17 @@ def _preprocess(engine: Any, image_bytes: bytes) -> Any:
         raise ApiError(422, "invalid_image", str(exc)) from exc
 
 
-def _load(engine: Any, path: Path, model_name: str) -> Any:
-    try:
-        return engine.load_model(path, model_name)
-    except engine.ModelUnreadable as exc:
-        logger.warning("model of %s unusable: %s", path.parent.name, exc)
-        raise ApiError(409, "model_unreadable", f"the job's model cannot be loaded: {exc}") from exc
+def _load(engine: Any, store: ArtifactStore, job_id: str, name: str, model_name: str) -> Any:
+    """The job's model, fetched from the store once per cache miss."""
+    with tempfile.TemporaryDirectory(prefix="mnistq-model-") as folder:
+        path = store.fetch(job_id, name, Path(folder) / Path(name).name)
+        try:
+            return engine.load_model(path, model_name)
+        except engine.ModelUnreadable as exc:
+            logger.warning("model of %s unusable: %s", job_id, exc)
+            raise ApiError(
+                409, "model_unreadable", f"the job's model cannot be loaded: {exc}"
+            ) from exc
 
 
 @bp.post("/<job_id>/predict")

@@ -17,6 +17,7 @@ from shared.schemas import (
     JobErrorOut,
     JobLinksOut,
     JobOut,
+    LeaseOut,
     MetricPointOut,
     ProgressOut,
     QueueStatusOut,
@@ -115,6 +116,24 @@ def _resume(job: Job) -> ResumeFromOut | None:
     return ResumeFromOut(job_id=job.resume_from_job_id, epoch=job.resume_from_epoch)
 
 
+def lease_out(job: Job, now: datetime) -> LeaseOut | None:
+    """The lease of a running job, saying so when its worker stopped beating."""
+    if job.status != JobStatus.RUNNING:
+        return None
+    expires = utc(job.lease_expires_at)
+    expired = expires is not None and expires < now
+    message = (
+        "the worker running this job stopped heartbeating; the next reaper pass of any worker "
+        "requeues it"
+        if expired
+        else None
+    )
+    return LeaseOut(
+        worker_id=job.worker_id, pid=job.worker_pid, expires_at=expires, expired=expired,
+        message=message,
+    )  # fmt: skip
+
+
 def job_out(
     job: Job,
     artifacts: Sequence[Artifact],
@@ -152,6 +171,7 @@ def job_out(
         artifacts=[artifact_out(a) for a in artifacts],
         links=_links(job.id),
         queue_status=waiting,
+        lease=lease_out(job, datetime.now(UTC)),
     )
 
 

@@ -22,6 +22,10 @@ from shared.schemas import (
     JobPageOut,
     MetricsOut,
     PredictionOut,
+    QueueListOut,
+    QueueOut,
+    WorkerListOut,
+    WorkerOut,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -151,15 +155,34 @@ class Client:
         resume_from: str | None = None,
         resume_epoch: int | None = None,
         idempotency_key: str | None = None,
+        priority: int | None = None,
     ) -> Job:
         """Submit a training job; hyperparameters left out take the server's defaults."""
         body: dict[str, Any] = {"hyperparameters": hyperparameters or {}}
         if name is not None:
             body["name"] = name
+        if priority is not None:
+            body["priority"] = priority
         if resume_from is not None:
             body["resume_from"] = {"job_id": resume_from, "epoch": resume_epoch}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._json(Job, "POST", "/jobs", json=body, headers=headers)
+
+    def set_priority(self, job_id: str, priority: int) -> Job:
+        """Change a queued job's priority (larger runs first)."""
+        return self._json(Job, "PATCH", f"/jobs/{job_id}", json={"priority": priority})
+
+    def workers(self) -> builtins.list[WorkerOut]:
+        """Every worker seen in the last hour: queues, slots, jobs, last seen, state."""
+        return self._json(WorkerListOut, "GET", "/workers").items
+
+    def drain_worker(self, worker_id: str) -> WorkerOut:
+        """Ask a worker to finish its jobs, take no new one and exit (admins only)."""
+        return self._json(WorkerOut, "POST", f"/workers/{worker_id}/drain")
+
+    def queues(self) -> builtins.list[QueueOut]:
+        """Per queue: queued, running, the oldest wait, live workers."""
+        return self._json(QueueListOut, "GET", "/queues").items
 
     def get(self, job_id: str) -> Job:
         """The job as the server shows it now."""

@@ -6,7 +6,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,17 +87,26 @@ def _resume(value: str | None) -> tuple[str | None, int | None]:
 @click.option("--name", default=None, help="a label for the job")
 @click.option("--resume-from", default=None, metavar="JOB[:EPOCH]",
               help="continue from that job's checkpoint (default: its newest)")  # fmt: skip
+@click.option("--priority", type=click.IntRange(-100, 100), default=None,
+              help="larger runs first (-100..100, default 0)")  # fmt: skip
 @click.option("--watch", is_flag=True, help="follow the job until it ends")
 @server_command
 def submit_command(
-    client: Client, name: str | None, resume_from: str | None, watch: bool, **flags: Any
+    client: Client,
+    name: str | None,
+    resume_from: str | None,
+    priority: int | None,
+    watch: bool,
+    **flags: Any,
 ) -> None:
     """Submit a training job to the server; prints its id."""
     hp = hyperparameters_from_flags({}, flags)
     job_id, epoch = _resume(resume_from)
     # Only the flags given are sent: the rest take the server's defaults.
     hyperparameters = hp.model_dump(mode="json", exclude_unset=True)
-    job = client.submit(hyperparameters, name=name, resume_from=job_id, resume_epoch=epoch)
+    job = client.submit(
+        hyperparameters, name=name, resume_from=job_id, resume_epoch=epoch, priority=priority
+    )
     click.echo(job.id)
     if watch:
         _watch(client, job.id)
@@ -337,6 +346,63 @@ def predict_command(client: Client, job_id: str, image: Path) -> None:
     click.echo(f"{prediction.digit} ({confidence:.1%})")
 
 
+@click.command("priority")
+@click.argument("job_id")
+@click.argument("priority", type=click.IntRange(-100, 100))
+@server_command
+def priority_command(client: Client, job_id: str, priority: int) -> None:
+    """Change a queued job's priority (larger runs first)."""
+    job = client.set_priority(job_id, priority)
+    click.echo(f"{job.id}: priority {job.priority}, {queue_text(job) or job.status}")
+
+
+def _age(when: datetime) -> str:
+    return _duration((datetime.now(UTC) - when).total_seconds())
+
+
+@click.group("workers", invoke_without_command=True)
+@click.pass_context
+def workers_group(ctx: click.Context) -> None:
+    """Workers: hostname, pid, queues, slots, jobs, last seen, state (drain with `drain ID`)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(workers_list_command)
+
+
+@workers_group.command("list")
+@server_command
+def workers_list_command(client: Client) -> None:
+    """List the workers seen in the last hour."""
+    rows = [
+        [w.id, w.hostname, str(w.pid), ",".join(w.queues), str(w.slots),
+         ",".join(w.jobs) or "-", f"{_age(w.last_seen_at)} ago", w.state]
+        for w in client.workers()
+    ]  # fmt: skip
+    header = ["ID", "HOST", "PID", "QUEUES", "SLOTS", "JOBS", "LAST SEEN", "STATE"]
+    click.echo(table(rows, header))
+
+
+@workers_group.command("drain")
+@click.argument("worker_id")
+@server_command
+def workers_drain_command(client: Client, worker_id: str) -> None:
+    """Let a worker finish what it runs, take nothing new, and exit (admins only)."""
+    worker = client.drain_worker(worker_id)
+    click.echo(f"{worker.id} on {worker.hostname}: {worker.state}")
+
+
+@click.command("queues")
+@server_command
+def queues_command(client: Client) -> None:
+    """Queues: jobs queued and running, the oldest wait, live workers."""
+    rows = [
+        [q.name, str(q.queued), str(q.running),
+         _duration(q.oldest_wait_seconds),
+         str(q.live_workers)]
+        for q in client.queues()
+    ]  # fmt: skip
+    click.echo(table(rows, ["QUEUE", "QUEUED", "RUNNING", "OLDEST WAIT", "LIVE WORKERS"]))
+
+
 COMMANDS = [
     submit_command,
     list_command,
@@ -345,4 +411,7 @@ COMMANDS = [
     cancel_command,
     download_command,
     predict_command,
+    priority_command,
+    workers_group,
+    queues_command,
 ]

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from typing import TYPE_CHECKING
 
 import click
@@ -15,7 +14,7 @@ import click
 if TYPE_CHECKING:
     from shared.config import Settings
 
-DEFAULT_WORKER_QUEUES = "cpu,maintenance"
+DEFAULT_WORKER_QUEUES = "cpu"
 # How long `mnistq up` waits for its worker to hand its job back before killing it.
 WORKER_STOP_SECONDS = 30
 ADMIN_NAME = "admin"
@@ -25,7 +24,7 @@ ADMIN_NAME = "admin"
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to serve on")
 @click.option("--port", default=8000, show_default=True, help="HTTP port")
 def up_command(host: str, port: int) -> None:
-    """Run the API, one worker and the reaper together (SQLite, filesystem broker by default)."""
+    """Run the API and one worker together (SQLite, filesystem broker by default)."""
     from shared.config import get_settings
     from shared.migrate import upgrade
 
@@ -37,18 +36,14 @@ def up_command(host: str, port: int) -> None:
     # process started in the background inherits it ignored.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
+    # The worker runs the reaper and the other periodic duties in its main process.
     worker = _start_worker_process()
-    stop = threading.Event()
-    reaper = threading.Thread(target=_reap_forever, args=(settings, stop), name="reaper")
-    reaper.start()
     try:
         _serve_api(settings, host, port)
     except KeyboardInterrupt:
         click.echo("mnistq: stopping", err=True)
     finally:
-        stop.set()
         _stop_worker_process(worker)
-        reaper.join(timeout=10)
 
 
 def _bootstrap_admin(settings: Settings) -> None:
@@ -97,15 +92,6 @@ def _stop_worker_process(worker: subprocess.Popen[bytes]) -> None:
         worker.wait()
 
 
-def _reap_forever(settings: Settings, stop: threading.Event) -> None:
-    from shared.celery_app import celery_publisher
-    from shared.db import make_engine, make_session_factory
-    from worker.reaper import run_reaper
-
-    factory = make_session_factory(make_engine(settings.database_url))
-    run_reaper(settings, factory, celery_publisher(settings), stop)
-
-
 def _serve_api(settings: Settings, host: str, port: int) -> None:
     from werkzeug.serving import make_server
 
@@ -133,17 +119,20 @@ def api_command(host: str, port: int, workers: int) -> None:
 @click.command("worker")
 @click.option(
     "--queues", "-Q", default=DEFAULT_WORKER_QUEUES, show_default=True,
-    help="comma-separated queues: cpu, gpu, maintenance (GPU machines serve gpu)",
+    help="comma-separated queues: cpu, gpu (GPU machines serve gpu)",
 )  # fmt: skip
 @click.option(
     "--concurrency", "-c", type=click.IntRange(min=1), default=None,
     help="jobs at once  [default: one per usable core when serving cpu, else 1]",
 )  # fmt: skip
-@click.option("--beat", is_flag=True, help="also schedule the reaper (one per deployment)")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker_command(queues: str, concurrency: int | None, beat: bool, loglevel: str) -> None:
-    """Run a Celery worker: one job per child process, fresh child for every job."""
-    from shared.config import get_settings, usable_cores
+def worker_command(queues: str, concurrency: int | None, loglevel: str) -> None:
+    """Run a Celery worker: one job per child process, fresh child for every job.
+
+    Its main process also runs the reaper and the other periodic duties, so a deployment
+    of `mnistq api` and any number of `mnistq worker` is complete.
+    """
+    from shared.config import usable_cores
     from worker.celery_main import app
 
     if concurrency is None:
@@ -153,10 +142,6 @@ def worker_command(queues: str, concurrency: int | None, beat: bool, loglevel: s
     argv = ["worker", "--queues", queues, "--concurrency", str(concurrency)]
     # A new process per job: memory (and CUDA state) of one job never leaks into the next.
     argv += ["--loglevel", loglevel, "--prefetch-multiplier", "1", "--max-tasks-per-child", "1"]
-    if beat:
-        schedule = get_settings().var_dir / "celerybeat-schedule"
-        schedule.parent.mkdir(parents=True, exist_ok=True)
-        argv += ["--beat", "--schedule", str(schedule)]
     app.worker_main(argv)
 
 

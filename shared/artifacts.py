@@ -1,11 +1,10 @@
-"""The artifact store: one folder per job under a root shared by the API and the workers."""
+"""Artifact names, kinds and atomic local writes; the stores themselves are in shared.store."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ class InvalidArtifactName(ValueError):
 
 
 class ArtifactNotFound(LookupError):
-    """No such file in the job's folder."""
+    """The job has no such artifact."""
 
 
 def validate_name(name: str) -> str:
@@ -96,60 +95,12 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         out.write(data)
 
 
-class ArtifactStore:
-    """Files of each job under ``root/<job_id>/``; every name is checked to stay inside."""
-
-    def __init__(self, root: Path) -> None:
-        # Absolute from the start: a relative root (the embedded default var/artifacts)
-        # would otherwise be read against whatever folder a library resolves it from.
-        self.root = Path(root).absolute()
-
-    def _job_root(self, job_id: str) -> Path:
-        return self.root / validate_job_id(job_id)
-
-    def job_dir(self, job_id: str) -> Path:
-        """The job's folder, created if missing."""
-        folder = self._job_root(job_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def _resolve(self, job_id: str, name: str) -> Path:
-        folder = self._job_root(job_id)
-        path = folder / validate_name(name)
-        # resolve() follows symlinks, so a link planted in the folder cannot lead out of it.
-        if not path.resolve().is_relative_to(folder.resolve()):
-            raise InvalidArtifactName(f"artifact {name!r} resolves outside the job's folder")
-        return path
-
-    def path_for(self, job_id: str, name: str) -> Path:
-        """Where artifact ``name`` of ``job_id`` lives; its parent folder is created."""
-        self.job_dir(job_id)
-        path = self._resolve(job_id, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def open_existing(self, job_id: str, name: str) -> Path:
-        """The path of an artifact that exists as a regular file; ArtifactNotFound otherwise."""
-        path = self._resolve(job_id, name)
-        if not path.is_file():
-            raise ArtifactNotFound(f"job {job_id} has no artifact {name!r}")
-        return path
-
-    @staticmethod
-    def describe(path: Path) -> tuple[int, str]:
-        """(size in bytes, sha256 hex digest) of the file at ``path``."""
-        digest = hashlib.sha256()
-        size = 0
-        with path.open("rb") as src:
-            while chunk := src.read(_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-        return size, digest.hexdigest()
-
-    def delete_job(self, job_id: str) -> None:
-        """Remove the job's folder and everything in it; nothing happens if it is missing."""
-        folder = self._job_root(job_id)
-        if folder.is_symlink():
-            folder.unlink()
-        elif folder.exists():
-            shutil.rmtree(folder)
+def describe(path: Path) -> tuple[int, str]:
+    """(size in bytes, sha256 hex digest) of the file at ``path``."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as src:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()

@@ -13,11 +13,9 @@ from kombu.exceptions import OperationalError
 from shared.config import Settings
 
 TRAIN_TASK = "mnistq.train"
-REAP_TASK = "mnistq.reap"
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
-MAINTENANCE_QUEUE = "maintenance"
-QUEUES = (CPU_QUEUE, GPU_QUEUE, MAINTENANCE_QUEUE)
+QUEUES = (CPU_QUEUE, GPU_QUEUE)
 
 BROKER_CONNECT_TIMEOUT = 2.0  # seconds
 BROKER_SOCKET_TIMEOUT = 10.0
@@ -59,18 +57,6 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _beat_schedule(settings: Settings) -> dict[str, Any]:
-    interval = settings.reaper_interval_seconds
-    # A reap message nobody took within one interval is stale: the next one supersedes it.
-    return {
-        "reap": {
-            "task": REAP_TASK,
-            "schedule": interval,
-            "options": {"queue": MAINTENANCE_QUEUE, "expires": interval},
-        }
-    }
-
-
 def make_celery(settings: Settings) -> Celery:
     """A Celery app configured for at-least-once delivery with the job row as the truth."""
     app = Celery("mnistq", broker=settings.broker_url, set_as_current=False)
@@ -87,7 +73,6 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_timeout=BROKER_CONNECT_TIMEOUT,
         worker_soft_shutdown_timeout=SOFT_SHUTDOWN_SECONDS,
         worker_enable_soft_shutdown_on_idle=True,
-        beat_schedule=_beat_schedule(settings),
         broker_transport_options=_transport_options(settings),
         # Each queue its own direct exchange and key: with Celery's defaults every queue
         # would bind to the default queue's exchange and key, and a gpu message reach cpu.
@@ -95,7 +80,7 @@ def make_celery(settings: Settings) -> Celery:
             Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
         ],
         task_default_queue=CPU_QUEUE,
-        task_routes={TRAIN_TASK: {"queue": CPU_QUEUE}, REAP_TASK: {"queue": MAINTENANCE_QUEUE}},
+        task_routes={TRAIN_TASK: {"queue": CPU_QUEUE}},
         worker_hijack_root_logger=False,
     )
     return app

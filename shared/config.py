@@ -21,6 +21,15 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///var/mnistq.db"
     broker_url: str = "filesystem://"
     artifact_dir: Path = Path("var/artifacts")
+    artifact_url: str = Field(
+        "", description="s3://bucket/prefix, file:///path or a path; empty: artifact_dir"
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 API endpoint of a server other than AWS, e.g. http://seaweedfs:8333"
+    )
+    scratch_dir: Path = Field(
+        Path("var/scratch"), description="worker-local folder jobs train into before upload"
+    )
     data_dir: Path = Path("var/data")
 
     # Training processes.
@@ -60,6 +69,11 @@ class Settings(BaseSettings):
 
     # Limits and exposure of the HTTP API.
     max_queued_jobs_per_user: int = Field(100, ge=1, description="queued jobs one user may have")
+    max_running_jobs_per_user: int | None = Field(
+        None,
+        ge=1,
+        description="jobs of one user running at once (workers enforce it); unset: no cap",
+    )
     submit_rate_limit: str = Field(
         "30/minute", min_length=1, description="job submissions per token, e.g. '30/minute'"
     )

@@ -138,6 +138,7 @@ def _new_job(body: JobCreate, resume_epoch: int | None, key: str | None, digest:
         device_requested=hp.device,
         queue=queue_for_device(hp.device),
         n_epochs=hp.n_epochs,
+        priority=body.priority,
         resume_from_job_id=body.resume_from.job_id if body.resume_from else None,
         resume_from_epoch=resume_epoch,
         idempotency_key=key,
@@ -256,6 +257,21 @@ def _update_where(session: Session, job_id: str, in_status: str, **values: Any) 
     )
     result = cast(CursorResult[Any], session.execute(stmt))
     return result.rowcount == 1
+
+
+def set_priority(
+    session: Session, job_id: str, priority: int, *, owner_id: int | None = None
+) -> Job:
+    """Change a queued job's priority; JobConflict once it runs or has finished."""
+    get_job(session, job_id, owner_id=owner_id)
+    changed = _update_where(session, job_id, JobStatus.QUEUED, priority=priority)
+    session.commit()
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise JobNotFound(f"no job with id {job_id!r}")
+    if not changed:
+        raise JobConflict(f"job {job_id} is {job.status}; only a queued job's priority can change")
+    return job
 
 
 def mark_published(session: Session, job_id: str) -> None:

@@ -30,6 +30,8 @@ SessionFactory = sessionmaker[Session]
 TRACEBACK_TAIL_CHARS = 8000
 # The longest a queued row waits between re-publications, in grace periods.
 MAX_REPUBLISH_BACKOFF = 16
+# The order workers take queued jobs in, and queue positions count in.
+CLAIM_ORDER = (Job.priority.desc(), Job.created_at, Job.id)
 
 
 @dataclass(frozen=True)
@@ -116,17 +118,55 @@ def _insert_metrics(session: Session, job_id: str, metrics: Sequence[MetricRecor
     )
 
 
-def claim(
-    session_factory: SessionFactory, job_id: str, *, hostname: str, lease_seconds: float
+@dataclass(frozen=True)
+class Claimant:
+    """Who takes a job: recorded on the row so operators (and tests) know what runs where."""
+
+    hostname: str
+    worker_id: str | None = None  # the worker's registry id
+    pid: int | None = None  # the process that trains it
+
+
+def claim_next(
+    session_factory: SessionFactory,
+    queues: Sequence[str],
+    *,
+    claimant: Claimant,
+    lease_seconds: float,
+    max_running_per_user: int | None = None,
 ) -> Lease | None:
-    """Take a queued job: None when it is not queued any more (someone else has it)."""
+    """Take the best queued job of ``queues`` (highest priority, then oldest); None if none.
+
+    The database is the queue: a broker message only wakes a worker, so a lost, duplicated
+    or reordered message can never lose or reorder work. On PostgreSQL the candidate row is
+    locked with SKIP LOCKED, so claimers at once take different jobs without waiting; on
+    SQLite the one-statement UPDATE runs under the database's single write lock. With
+    ``max_running_per_user``, jobs of a user who already runs that many wait (two claims at
+    the same instant may each see room for one more: a fairness cap, not an exact quota).
+    """
     now = utcnow()
     token = secrets.token_hex(16)
+    eligible = [Job.status == JobStatus.QUEUED, Job.queue.in_(list(queues))]
+    if max_running_per_user is not None:
+        running = Job.__table__.alias("running")
+        eligible.append(
+            select(func.count())
+            .where(running.c.owner_id == Job.owner_id, running.c.status == JobStatus.RUNNING)
+            .scalar_subquery()
+            < max_running_per_user
+        )
+    best = (
+        select(Job.id)
+        .where(*eligible)
+        .order_by(*CLAIM_ORDER)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
     with transaction(session_factory) as session:
-        claimed = _changed_one(
-            session,
+        job_id = session.scalar(
             update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .where(Job.id == best, Job.status == JobStatus.QUEUED)
             .values(
                 status=JobStatus.RUNNING,
                 lease_token=token,
@@ -134,10 +174,14 @@ def claim(
                 heartbeat_at=now,
                 attempt=Job.attempt + 1,
                 started_at=func.coalesce(Job.started_at, now),
-                worker_hostname=hostname,
-            ),
+                worker_hostname=claimant.hostname,
+                worker_id=claimant.worker_id,
+                worker_pid=claimant.pid,
+            )
+            .returning(Job.id),
+            execution_options={"synchronize_session": False},
         )
-    return Lease(job_id, token) if claimed else None
+    return Lease(job_id, token) if job_id is not None else None
 
 
 def heartbeat(
@@ -300,6 +344,38 @@ def release(session_factory: SessionFactory, lease: Lease) -> bool:
         )
 
 
+def requeue(
+    session_factory: SessionFactory, lease: Lease, *, max_attempts: int, reason: str
+) -> JobStatus | None:
+    """Hand a running job back now for infrastructure trouble; the attempt counts, and a job
+    out of attempts ends failed with ``reason``. The new status, or None when fenced."""
+    now = utcnow()
+    running = (_mine(lease), Job.status == JobStatus.RUNNING)
+    with transaction(session_factory) as session:
+        if _changed_one(
+            session,
+            update(Job)
+            .where(*running, Job.attempt < max_attempts)
+            .values(
+                status=JobStatus.QUEUED, lease_token=None, lease_expires_at=None,
+                queued_at=now, published_at=None,
+            ),
+        ):  # fmt: skip
+            return JobStatus.QUEUED
+        message = f"{reason} (gave up after {max_attempts} attempts)"
+        if _changed_one(
+            session,
+            update(Job)
+            .where(*running)
+            .values(
+                status=JobStatus.FAILED, lease_token=None, lease_expires_at=None,
+                finished_at=now, error_message=message,
+            ),
+        ):  # fmt: skip
+            return JobStatus.FAILED
+    return None
+
+
 @dataclass(frozen=True)
 class Expired:
     """What the reaper did with running jobs whose lease expired."""
@@ -407,7 +483,7 @@ def _due_for_publish(
                 Job.status == JobStatus.QUEUED,
                 Job.published_at.is_(None) | (Job.published_at < now - grace),
             )
-            .order_by(Job.priority.desc(), Job.queued_at)
+            .order_by(*CLAIM_ORDER)
             .limit(limit * 4)
         ).all()
     due = [

@@ -47,6 +47,14 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+class WorkerState(enum.StrEnum):
+    """What a worker's row says of it; "lost" is derived from a missed heartbeat, not stored."""
+
+    LIVE = "live"
+    DRAINING = "draining"
+    LOST = "lost"
+
+
 # Named constraints let Alembic alter them later, SQLite batch mode included.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -72,6 +80,8 @@ class Job(Base):
         Index("ix_job_status_created", "status", "created_at"),
         # The job list pages newest first on (created_at, id).
         Index("ix_job_created_id", "created_at", "id"),
+        # A worker claims the best queued job of a queue: highest priority, then oldest.
+        Index("ix_job_claim_order", "status", "queue", "priority", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
@@ -116,6 +126,9 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     error_traceback: Mapped[str | None] = mapped_column(Text)
     worker_hostname: Mapped[str | None] = mapped_column(String(255))
+    # The registry id and process id of the worker that claimed the running attempt.
+    worker_id: Mapped[str | None] = mapped_column(String(32))
+    worker_pid: Mapped[int | None]
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
@@ -210,3 +223,5 @@ class Worker(Base):
     heartbeat_seconds: Mapped[float] = mapped_column(Float)  # liveness is judged by its own beat
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # "live", or "draining": an admin asked it to finish what it runs, take nothing new, exit.
+    state: Mapped[str] = mapped_column(String(16), default=WorkerState.LIVE, server_default="live")

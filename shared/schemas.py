@@ -20,6 +20,10 @@ OptimizerName = Literal["sgd", "adam", "adamw"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
+# The range of a job's priority (POST /jobs, PATCH /jobs/<id>).
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
+
+
 class Hyperparameters(BaseModel):
     """A training run's knobs, with the classic PyTorch MNIST recipe as the defaults."""
 
@@ -81,6 +85,10 @@ class JobCreate(BaseModel):
         None, description="shorthand for hyperparameters.device; both given must agree"
     )
     resume_from: ResumeFrom | None = None
+    priority: int = Field(
+        0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
+        description="larger runs first; among equal priorities the oldest job runs first",
+    )  # fmt: skip
 
     _check_name = field_validator("name")(_printable)
 
@@ -220,6 +228,24 @@ class JobLinksOut(BaseModel):
     cancel: str
 
 
+class JobPatch(BaseModel):
+    """The body of PATCH /api/v1/jobs/<id>: what may change while a job waits."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    priority: int = Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description="the new priority")
+
+
+class LeaseOut(BaseModel):
+    """Who holds a running job and until when; ``expired`` once its worker stopped beating."""
+
+    worker_id: str | None = Field(description="registry id of the worker that runs it")
+    pid: int | None = Field(description="process id of the training process")
+    expires_at: datetime | None
+    expired: bool = Field(description="the heartbeat stopped: a reaper requeues it shortly")
+    message: str | None
+
+
 class QueueStatusOut(BaseModel):
     """Where a queued job waits: its place in its queue and how many live workers serve it."""
 
@@ -258,6 +284,7 @@ class JobOut(BaseModel):
     artifacts: list[ArtifactOut]
     links: JobLinksOut
     queue_status: QueueStatusOut | None = Field(None, description="only while queued")
+    lease: LeaseOut | None = Field(None, description="only while running")
 
 
 class JobPageOut(BaseModel):
@@ -324,3 +351,42 @@ class UserListOut(BaseModel):
     """Every user (admins only)."""
 
     items: list[UserOut]
+
+
+class WorkerOut(BaseModel):
+    """A worker process as the registry knows it."""
+
+    id: str
+    name: str = Field(description="the Celery node name, e.g. celery@host")
+    hostname: str
+    pid: int
+    queues: list[str]
+    slots: int = Field(description="jobs it runs at once")
+    jobs: list[str] = Field(description="ids of the jobs it runs now (a user sees their own)")
+    started_at: datetime
+    last_seen_at: datetime
+    state: Literal["live", "draining", "lost"] = Field(
+        description="lost: it missed its heartbeats (killed, or its machine is gone)"
+    )
+
+
+class WorkerListOut(BaseModel):
+    """Every worker seen in the last hour, oldest first."""
+
+    items: list[WorkerOut]
+
+
+class QueueOut(BaseModel):
+    """One queue: what waits, what runs, the oldest wait and the live workers serving it."""
+
+    name: str
+    queued: int
+    running: int
+    oldest_wait_seconds: float | None = Field(description="how long the oldest queued job waits")
+    live_workers: int
+
+
+class QueueListOut(BaseModel):
+    """Every queue."""
+
+    items: list[QueueOut]

@@ -27,9 +27,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.celery_app import QUEUES
 from shared.db import transaction
 from shared.lease import as_utc
-from shared.models import Job, JobStatus, Worker, utcnow
+from shared.models import Job, JobStatus, Worker, WorkerState, utcnow
 
 # A worker is live while its last beat is younger than this many of its own intervals.
 LIVE_BEATS = 3
@@ -64,8 +65,33 @@ def new_worker_id() -> str:
     return secrets.token_hex(16)
 
 
-def beat(factory: sessionmaker[Session], info: WorkerInfo) -> None:
-    """Say ``info``'s worker is alive now: update its row, or insert it on the first beat."""
+class WorkerNotFound(LookupError):
+    """No live or recently seen worker has this id."""
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """A worker as operators see it: its row, its state now and the jobs it runs."""
+
+    row: Worker
+    state: WorkerState
+    jobs: list[str]
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """One queue now: what waits, what runs, how long the oldest waits, who serves it."""
+
+    name: str
+    queued: int
+    running: int
+    oldest_wait_seconds: float | None
+    live_workers: int
+
+
+def beat(factory: sessionmaker[Session], info: WorkerInfo) -> WorkerState:
+    """Say ``info``'s worker is alive now (update its row, or insert it on the first beat);
+    return the state its row asks for (``draining`` once an admin asked it to drain)."""
     now = utcnow()
     values: dict[str, Any] = {
         "name": info.name, "hostname": info.hostname, "pid": info.pid,
@@ -79,8 +105,88 @@ def beat(factory: sessionmaker[Session], info: WorkerInfo) -> None:
             execution_options={"synchronize_session": False},
         )
         if cast("CursorResult[Any]", result).rowcount == 0:
-            session.add(Worker(id=info.id, started_at=now, **values))
+            session.add(Worker(id=info.id, started_at=now, state=WorkerState.LIVE, **values))
         session.execute(delete(Worker).where(Worker.last_seen_at < now - FORGET_AFTER))
+        state = session.scalar(select(Worker.state).where(Worker.id == info.id))
+    return WorkerState(state or WorkerState.LIVE)
+
+
+def is_draining(factory: sessionmaker[Session], worker_id: str | None) -> bool:
+    """True when an admin asked worker ``worker_id`` to drain (it claims nothing new)."""
+    if worker_id is None:
+        return False
+    with factory() as session:
+        state = session.scalar(select(Worker.state).where(Worker.id == worker_id))
+    return state == WorkerState.DRAINING
+
+
+def request_drain(session: Session, worker_id: str) -> Worker:
+    """Ask a worker to finish what it runs, take nothing new and exit; WorkerNotFound."""
+    changed = session.execute(
+        update(Worker).where(Worker.id == worker_id).values(state=WorkerState.DRAINING),
+        execution_options={"synchronize_session": False},
+    )
+    session.commit()
+    row = session.get(Worker, worker_id, populate_existing=True)
+    if cast("CursorResult[Any]", changed).rowcount == 0 or row is None:
+        raise WorkerNotFound(f"no worker with id {worker_id!r}")
+    return row
+
+
+def running_jobs(factory: sessionmaker[Session], worker_id: str) -> list[str]:
+    """Ids of the jobs that worker ``worker_id`` runs now, by the rows' own record."""
+    with factory() as session:
+        return list(session.scalars(_running_of([worker_id])))
+
+
+def _running_of(worker_ids: Sequence[str], owner_id: int | None = None) -> Select[str]:
+    stmt = select(Job.id).where(Job.status == JobStatus.RUNNING, Job.worker_id.in_(worker_ids))
+    return stmt if owner_id is None else stmt.where(Job.owner_id == owner_id)
+
+
+def state_of(worker: Worker, now: datetime) -> WorkerState:
+    """``lost`` once it missed its beats, else what its row says."""
+    return WorkerState(worker.state) if is_live(worker, now) else WorkerState.LOST
+
+
+def list_workers(session: Session, *, owner_id: int | None = None) -> list[WorkerView]:
+    """Every worker seen within FORGET_AFTER, oldest first, with the jobs it runs.
+
+    With ``owner_id`` only that user's jobs are named (another user's are not shown).
+    """
+    now = utcnow()
+    rows = session.scalars(
+        select(Worker).where(Worker.last_seen_at >= now - FORGET_AFTER).order_by(Worker.started_at)
+    ).all()
+    jobs: dict[str, list[str]] = {row.id: [] for row in rows}
+    ids = list(jobs)
+    if ids:
+        stmt = select(Job.id, Job.worker_id).where(Job.id.in_(_running_of(ids, owner_id)))
+        for job_id, worker_id in session.execute(stmt.order_by(Job.started_at)):
+            jobs[str(worker_id)].append(job_id)
+    return [WorkerView(row, state_of(row, now), jobs[row.id]) for row in rows]
+
+
+def queue_summary(session: Session) -> list[QueueView]:
+    """Each queue (the known ones, and any a job or a worker names): counts and who serves it."""
+    now = utcnow()
+    counts = session.execute(
+        select(Job.queue, Job.status, func.count(), func.min(Job.queued_at))
+        .where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        .group_by(Job.queue, Job.status)
+    ).all()
+    workers = live_workers(session)
+    names = set(QUEUES) | {row[0] for row in counts}
+    names |= {queue for worker in workers for queue in worker.queues.split(",")}
+    views = []
+    for name in sorted(names):
+        mine = {status: (count, oldest) for queue, status, count, oldest in counts if queue == name}
+        queued, oldest = mine.get(JobStatus.QUEUED, (0, None))
+        wait = (now - as_utc(oldest)).total_seconds() if oldest is not None else None
+        serving = sum(1 for worker in workers if serves(worker, name))
+        running = mine.get(JobStatus.RUNNING, (0, None))[0]
+        views.append(QueueView(name, queued, running, wait, serving))
+    return views
 
 
 def remove(factory: sessionmaker[Session], worker_id: str) -> None:
@@ -105,8 +211,8 @@ def live_workers(session: Session) -> list[Worker]:
 
 
 def serves(worker: Worker, queue: str) -> bool:
-    """True when ``worker`` consumes from ``queue``."""
-    return queue in worker.queues.split(",")
+    """True when ``worker`` takes new jobs from ``queue`` (a draining worker takes none)."""
+    return worker.state != WorkerState.DRAINING and queue in worker.queues.split(",")
 
 
 def no_worker_message(queue: str) -> str:
@@ -118,15 +224,17 @@ def no_worker_message(queue: str) -> str:
 
 @cache
 def _positions_statement() -> Select[str, int]:
-    """Per job id in ``:ids``, the number of queued jobs of its queue before it."""
+    """Per job id in ``:ids``, the number of queued jobs of its queue that a worker takes first."""
     # Built once: constructing this correlated statement costs more than running it.
+    # The order is the claim's (shared.lease.CLAIM_ORDER): higher priority, then older.
     mine, ahead = Job.__table__.alias("mine"), Job.__table__.alias("ahead")
+    older = tuple_(ahead.c.created_at, ahead.c.id) < tuple_(mine.c.created_at, mine.c.id)
     count_ahead = (
         select(func.count())
         .where(
             ahead.c.status == JobStatus.QUEUED,
             ahead.c.queue == mine.c.queue,
-            tuple_(ahead.c.queued_at, ahead.c.id) < tuple_(mine.c.queued_at, mine.c.id),
+            (ahead.c.priority > mine.c.priority) | ((ahead.c.priority == mine.c.priority) & older),
         )
         .scalar_subquery()
     )
@@ -137,7 +245,7 @@ def _positions_statement() -> Select[str, int]:
 
 
 def queue_positions(session: Session, job_ids: Sequence[str]) -> dict[str, int]:
-    """1-based place of each queued job among the queued jobs of its queue, by queued_at."""
+    """1-based place of each queued job in the order workers take its queue's jobs."""
     if not job_ids:
         return {}
     # One round trip for a whole page; each count runs over queued rows only (ix_job_status).

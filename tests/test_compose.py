@@ -15,7 +15,7 @@ from client.cli import cli
 from shared.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-MNISTQ_SERVICES = ("migrate", "api", "worker", "beat", "worker-gpu")
+MNISTQ_SERVICES = ("migrate", "api", "worker", "worker-gpu")
 
 
 def compose_config(*extra: str) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def resolve_click_command(args: list[str]) -> tuple[click.Command, str, list[str
 
 def test_compose_file_is_valid_without_and_with_the_gpu_profile() -> None:
     default = compose_config()["services"]
-    assert {"redis", "postgres", "migrate", "api", "worker", "beat"} <= set(default)
+    assert {"redis", "postgres", "migrate", "api", "worker"} <= set(default)
     # Only the gpu profile starts the GPU worker; everything else runs by default.
     assert default["worker-gpu"]["profiles"] == ["gpu"]
     assert all("profiles" not in spec for name, spec in default.items() if name != "worker-gpu")
@@ -73,7 +73,7 @@ def test_service_command_is_a_real_entry_point(services: dict[str, Any], service
         from celery import Celery
 
         assert isinstance(module.app, Celery)
-        assert command[2] in {"worker", "beat"}
+        assert command[2] == "worker"
 
 
 @pytest.mark.parametrize("service", MNISTQ_SERVICES)
@@ -91,7 +91,7 @@ def test_stack_shape_matches_the_design(services: dict[str, Any]) -> None:
     assert services["postgres"]["healthcheck"]["test"]
     migrate_deps = services["migrate"]["depends_on"]
     assert migrate_deps["postgres"]["condition"] == "service_healthy"
-    for name in ("api", "worker", "beat"):
+    for name in ("api", "worker"):
         cond = services[name]["depends_on"]["migrate"]["condition"]
         assert cond == "service_completed_successfully"
 
@@ -99,8 +99,15 @@ def test_stack_shape_matches_the_design(services: dict[str, Any]) -> None:
         # docker-compose 1.x prints volumes in the short form "source:target:mode".
         return {str(v).split(":")[0] for v in services[name].get("volumes", [])}
 
-    assert "artifacts" in mounts("api") & mounts("worker") & mounts("worker-gpu")
-    assert "data" in mounts("worker")
+    # No folder in common: artifacts go to the object store, which api and workers wait for.
+    assert not mounts("api") and "data" in mounts("worker")
+    for name in ("api", "worker", "worker-gpu"):
+        env = services[name]["environment"]
+        assert env["MNISTQ_ARTIFACT_URL"].startswith("s3://"), name
+        assert env["MNISTQ_S3_ENDPOINT_URL"] == "http://seaweedfs:8333", name
+        assert services[name]["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
+    assert "artifacts" not in mounts("worker") | mounts("worker-gpu")
+    assert services["seaweedfs"]["image"].startswith("chrislusf/seaweedfs")
     assert services["worker"]["command"][services["worker"]["command"].index("--queues") + 1]
     gpu = services["worker-gpu"]
     assert "gpu" in gpu["command"]

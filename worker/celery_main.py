@@ -10,6 +10,8 @@ import contextlib
 import logging
 import os
 import signal
+import threading
+import time
 from typing import Any
 
 from celery.signals import (
@@ -19,11 +21,16 @@ from celery.signals import (
     worker_ready,
     worker_shutting_down,
 )
+from celery.worker import state as worker_state
 
 from shared.celery_app import make_celery
 from shared.config import Settings
+from shared.db import make_session_factory
+from shared.workers import running_jobs
+from worker.maintenance import MaintenanceLoop
 from worker.registry import RegistryBeat
-from worker.tasks import SHUTDOWN, make_context, register_tasks
+from worker.runner import SHUTDOWN, make_worker_engine
+from worker.tasks import make_context, register_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +42,38 @@ settings = Settings()
 app = make_celery(settings)
 # Celery's prefork pool, replacing the child that ran a job without a 5 s wait.
 app.conf.worker_pool = "worker.pool:JobPool"
-context = make_context(settings, app)
+
+
+def _drain() -> None:
+    """Asked to drain: consume nothing more, then exit once the running jobs are done."""
+    name = registry.info.name if registry.info else None
+    for queue in list(app.amqp.queues.consume_from):
+        try:
+            app.control.cancel_consumer(queue, destination=[name], reply=False)
+        except Exception:  # a broker without broadcast (the embedded one): children refuse
+            logger.warning("drain: could not stop consuming %s", queue, exc_info=True)
+    threading.Thread(target=_exit_when_idle, name="drain", daemon=True).start()
+
+
+def _exit_when_idle() -> None:
+    """Warm shutdown once no job of this worker runs and no message waits in its pool."""
+    factory = registry.session_factory
+    while True:
+        idle = not worker_state.active_requests and not worker_state.reserved_requests
+        if idle and factory is not None and not running_jobs(factory, registry.worker_id):
+            logger.warning("drain: nothing runs any more, exiting")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        time.sleep(settings.heartbeat_seconds)
+
+
+# The registry id is made here, before the pool forks, so every child records it at claim.
+registry = RegistryBeat(settings, on_drain=_drain)
+context = make_context(settings, app, worker_id=registry.worker_id)
 register_tasks(app, context)
-registry = RegistryBeat(settings)
 
 _controller: list[Any] = []
+_maintenance: list[MaintenanceLoop] = []
 
 
 @worker_init.connect
@@ -70,6 +104,13 @@ def _child_started(**_: Any) -> None:
 def _register(sender: Any = None, **_: Any) -> None:
     """Tell the registry (and so the API) this worker is alive and which queues it serves."""
     registry.start(sender.hostname, app.amqp.queues.consume_from.keys(), _concurrency())
+    _start_maintenance()
+
+
+def _start_maintenance() -> None:
+    """The reaper and the other periodic duties, in this main process: no beat, no extra process."""
+    factory = make_session_factory(make_worker_engine(settings))
+    _maintenance[:] = [MaintenanceLoop(settings, factory, context.publish).start()]
 
 
 @task_prerun.connect
@@ -90,3 +131,5 @@ def _tell_children(**_: Any) -> None:
             os.kill(pid, HAND_BACK_SIGNAL)
     # From now on this worker takes no new job: the API must not count it as serving.
     registry.stop()
+    for loop in _maintenance:
+        loop.stop()

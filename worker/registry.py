@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import workers
 from shared.config import Settings
 from shared.db import make_session_factory
+from shared.models import WorkerState
 from shared.workers import WorkerInfo
-from worker.tasks import make_worker_engine
+from worker.runner import make_worker_engine
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,11 @@ logger = logging.getLogger(__name__)
 class RegistryBeat:
     """Upserts this worker's registry row every heartbeat interval until stopped."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_drain: Callable[[], None] | None = None) -> None:
         self.settings = settings
+        self.on_drain = on_drain  # called once, from the beat thread, when asked to drain
+        self.draining = False
+        self.worker_id = workers.new_worker_id()
         self.info: WorkerInfo | None = None
         self._engine: Engine | None = None
         self._factory: sessionmaker[Session] | None = None
@@ -39,7 +43,7 @@ class RegistryBeat:
     def start(self, name: str, queues: Iterable[str], concurrency: int) -> None:
         """Register this process and keep its row fresh from a daemon thread."""
         self.info = WorkerInfo(
-            id=workers.new_worker_id(), name=name, hostname=socket.gethostname(),
+            id=self.worker_id, name=name, hostname=socket.gethostname(),
             pid=os.getpid(), queues=tuple(sorted(queues)), concurrency=concurrency,
             heartbeat_seconds=self.settings.heartbeat_seconds,
         )  # fmt: skip
@@ -61,6 +65,11 @@ class RegistryBeat:
         except DBAPIError:
             logger.warning("worker registry: could not remove this worker's row", exc_info=True)
 
+    @property
+    def session_factory(self) -> sessionmaker[Session] | None:
+        """Sessions of the beat's own engine, once started."""
+        return self._factory
+
     def after_fork(self) -> None:
         """In a pool child: drop the parent's connections without closing them under it."""
         if self._engine is not None:
@@ -71,9 +80,15 @@ class RegistryBeat:
         assert self.info is not None and self._factory is not None
         while True:
             try:
-                workers.beat(self._factory, self.info)
+                state = workers.beat(self._factory, self.info)
             except DBAPIError:
                 # Not live for the API until the database answers again; nothing else to do.
                 logger.warning("worker registry: beat failed", exc_info=True)
+            else:
+                if state == WorkerState.DRAINING and not self.draining:
+                    self.draining = True
+                    logger.warning("worker %s: asked to drain", self.info.id)
+                    if self.on_drain is not None:
+                        self.on_drain()
             if self._stop.wait(self.settings.heartbeat_seconds):
                 return

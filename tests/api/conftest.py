@@ -18,13 +18,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
 from api.db import ENGINE_KEY, SESSIONS_KEY
-from shared.artifacts import ArtifactStore, artifact_kind
+from shared.artifacts import artifact_kind, describe
 from shared.auth import create_user
 from shared.celery_app import BrokerUnavailable
 from shared.config import Settings
 from shared.db import make_engine
 from shared.migrate import upgrade
 from shared.models import Artifact, Job, Metric
+from shared.store import LocalStore
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -76,7 +77,7 @@ def empty_tables(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("TRUNCATE artifact, metric, job, api_token, user_account"))
+            conn.execute(text("TRUNCATE artifact, metric, job, api_token, user_account, worker"))
     finally:
         engine.dispose()
 
@@ -191,9 +192,9 @@ def anonymous(app: Flask) -> FlaskClient:
 
 
 @pytest.fixture
-def store(settings: Settings) -> ArtifactStore:
-    """The artifact store the app serves from."""
-    return ArtifactStore(settings.artifact_dir)
+def store(settings: Settings) -> LocalStore:
+    """The artifact store the app serves from (the local folder of the embedded default)."""
+    return LocalStore(settings.artifact_dir)
 
 
 def insert_job(sessions: sessionmaker[Session], **values: Any) -> str:
@@ -214,12 +215,14 @@ def insert_metrics(
 
 
 def add_artifact(
-    sessions: sessionmaker[Session], store: ArtifactStore, job_id: str, name: str, data: bytes
+    sessions: sessionmaker[Session], store: LocalStore, job_id: str, name: str, data: bytes
 ) -> Artifact:
-    """Write an artifact file and record its row, as the worker does."""
-    path = store.path_for(job_id, name)
-    path.write_bytes(data)
-    size, sha = store.describe(path)
+    """Upload an artifact file and record its row, as the worker does."""
+    scratch = store.root.parent / "scratch" / job_id / name
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    scratch.write_bytes(data)
+    size, sha = describe(scratch)
+    store.put(job_id, name, scratch, sha256=sha)
     artifact = Artifact(job_id=job_id, name=name, kind=artifact_kind(name), size=size, sha256=sha)
     with sessions() as session, session.begin():
         session.add(artifact)

@@ -1,4 +1,4 @@
-"""The artifact store keeps every name inside its job's folder and writes atomically."""
+"""Both artifact stores (a folder, real S3 on SeaweedFS): names stay inside, writes are whole."""
 
 from __future__ import annotations
 
@@ -9,13 +9,44 @@ import pytest
 
 from shared.artifacts import (
     ArtifactNotFound,
-    ArtifactStore,
     InvalidArtifactName,
     artifact_kind,
+    describe,
     write_bytes_atomic,
 )
+from shared.config import Settings
+from shared.store import ArtifactStore, LocalStore, S3Store, StoreUnavailable, make_store
+from tests.seaweedfs import SeaweedFS
 
 JOB = "a" * 32
+ENGINE_NAMES = ("model.pth", "optimizer.pth", "loss_curve.png", "checkpoints/epoch-12.pt")
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(
+    request: pytest.FixtureRequest, tmp_path: Path, s3_env: dict[str, str]
+) -> ArtifactStore:
+    """A local folder store, and an S3 store on a fresh bucket of a real SeaweedFS."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    server: SeaweedFS = request.getfixturevalue("seaweedfs")
+    settings = Settings(
+        artifact_url=f"s3://{server.new_bucket()}/runs", s3_endpoint_url=server.endpoint_url
+    )
+    return make_store(settings)
+
+
+def put_bytes(store: ArtifactStore, tmp_path: Path, job_id: str, name: str, data: bytes) -> None:
+    """Upload ``data`` as the worker does: from a local scratch file."""
+    scratch = tmp_path / "scratch" / name
+    write_bytes_atomic(scratch, data)
+    store.put(job_id, name, scratch, sha256=describe(scratch)[1])
+
+
+def read(store: ArtifactStore, job_id: str, name: str) -> bytes:
+    """The stored bytes of an artifact."""
+    with store.open(job_id, name) as stream:
+        return bytes(stream.read())
 
 
 @pytest.mark.parametrize(
@@ -39,66 +70,119 @@ JOB = "a" * 32
         "C:evil",
     ],
 )
-def test_unsafe_names_are_refused(tmp_path: Path, name: str) -> None:
-    store = ArtifactStore(tmp_path)
+def test_unsafe_names_are_refused(any_store: ArtifactStore, tmp_path: Path, name: str) -> None:
+    (tmp_path / "f").write_bytes(b"x")
     with pytest.raises(InvalidArtifactName):
-        store.path_for(JOB, name)
+        any_store.put(JOB, name, tmp_path / "f", sha256="0" * 64)
     with pytest.raises(InvalidArtifactName):
-        store.open_existing(JOB, name)
+        any_store.open(JOB, name).__enter__()
 
 
 @pytest.mark.parametrize("job_id", ["", "..", "a/b", "x" * 65, "a\x00"])
-def test_unsafe_job_ids_are_refused(tmp_path: Path, job_id: str) -> None:
+def test_unsafe_job_ids_are_refused(any_store: ArtifactStore, job_id: str) -> None:
     with pytest.raises(InvalidArtifactName):
-        ArtifactStore(tmp_path).job_dir(job_id)
+        any_store.list(job_id)
+    with pytest.raises(InvalidArtifactName):
+        any_store.delete_job(job_id)
 
 
-def test_names_of_the_training_engine_are_accepted(tmp_path: Path) -> None:
-    store = ArtifactStore(tmp_path)
-    for name in ("model.pth", "optimizer.pth", "loss_curve.png", "checkpoints/epoch-12.pt"):
-        assert store.path_for(JOB, name) == tmp_path / JOB / name
-    assert (tmp_path / JOB / "checkpoints").is_dir()
+def test_put_open_fetch_list_round_trip(any_store: ArtifactStore, tmp_path: Path) -> None:
+    for name in ENGINE_NAMES:
+        put_bytes(any_store, tmp_path, JOB, name, f"content of {name}".encode())
+    assert any_store.list(JOB) == sorted(ENGINE_NAMES)
+    assert read(any_store, JOB, "checkpoints/epoch-12.pt") == b"content of checkpoints/epoch-12.pt"
+    dest = any_store.fetch(JOB, "model.pth", tmp_path / "down" / "model.pth")
+    assert dest.read_bytes() == b"content of model.pth"
+    assert any_store.list("b" * 32) == []
 
 
-def test_symlink_out_of_the_job_folder_is_refused(tmp_path: Path) -> None:
-    store = ArtifactStore(tmp_path / "store")
+def test_a_new_put_replaces_the_whole_object(any_store: ArtifactStore, tmp_path: Path) -> None:
+    put_bytes(any_store, tmp_path, JOB, "checkpoints/epoch-1.pt", b"first, and longer")
+    put_bytes(any_store, tmp_path, JOB, "checkpoints/epoch-1.pt", b"second")
+    assert read(any_store, JOB, "checkpoints/epoch-1.pt") == b"second"
+    assert any_store.list(JOB) == ["checkpoints/epoch-1.pt"]  # no temp object left
+
+
+def test_missing_artifacts_are_not_found(any_store: ArtifactStore, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactNotFound):
+        any_store.open(JOB, "model.pth").__enter__()
+    with pytest.raises(ArtifactNotFound):
+        any_store.fetch(JOB, "model.pth", tmp_path / "x")
+
+
+def test_delete_job_removes_its_artifacts_only(any_store: ArtifactStore, tmp_path: Path) -> None:
+    put_bytes(any_store, tmp_path, JOB, "model.pth", b"m")
+    put_bytes(any_store, tmp_path, JOB, "checkpoints/epoch-1.pt", b"c")
+    put_bytes(any_store, tmp_path, "b" * 32, "model.pth", b"m")
+    any_store.delete_job(JOB)
+    any_store.delete_job(JOB)
+    assert any_store.list(JOB) == []
+    assert any_store.list("b" * 32) == ["model.pth"]
+
+
+def test_a_symlinked_job_folder_cannot_lead_out_of_the_local_store(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("private")
+    store.root.mkdir()
+    (store.root / JOB).symlink_to(outside)  # the job's whole folder points out of the root
+    with pytest.raises(InvalidArtifactName):
+        store.open(JOB, "secret.txt").__enter__()
+    with pytest.raises(InvalidArtifactName):
+        put_bytes(store, tmp_path, JOB, "model.pth", b"m")
+    assert store.list(JOB) == []
+
+
+def test_a_symlinked_file_cannot_lead_out_of_the_local_store(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
     secret = tmp_path / "secret.txt"
     secret.write_text("private")
-    (store.job_dir(JOB) / "leak.txt").symlink_to(secret)
-    (store.job_dir(JOB) / "checkpoints").symlink_to(tmp_path)
+    (store.root / JOB).mkdir(parents=True)
+    (store.root / JOB / "leak.txt").symlink_to(secret)
     with pytest.raises(InvalidArtifactName):
-        store.open_existing(JOB, "leak.txt")
-    with pytest.raises(InvalidArtifactName):
-        store.path_for(JOB, "checkpoints/secret.txt")
+        store.open(JOB, "leak.txt").__enter__()
 
 
-def test_open_existing_needs_a_regular_file(tmp_path: Path) -> None:
-    store = ArtifactStore(tmp_path)
-    with pytest.raises(ArtifactNotFound):
-        store.open_existing(JOB, "model.pth")
-    store.path_for(JOB, "checkpoints/x.pt")
-    with pytest.raises(ArtifactNotFound):
-        store.open_existing(JOB, "checkpoints")
+def test_s3_objects_sit_under_the_prefix_and_carry_their_sha256(
+    seaweedfs: SeaweedFS, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    bucket = seaweedfs.new_bucket()
+    store = S3Store(bucket, "team/runs", endpoint_url=seaweedfs.endpoint_url)
+    put_bytes(store, tmp_path, JOB, "checkpoints/epoch-1.pt", b"weights")
+    assert seaweedfs.keys(bucket) == [f"team/runs/{JOB}/checkpoints/epoch-1.pt"]
+    head = seaweedfs.client().head_object(
+        Bucket=bucket, Key=f"team/runs/{JOB}/checkpoints/epoch-1.pt"
+    )
+    assert head["Metadata"]["sha256"] == hashlib.sha256(b"weights").hexdigest()
 
 
-def test_atomic_write_and_describe(tmp_path: Path) -> None:
-    store = ArtifactStore(tmp_path)
-    path = store.path_for(JOB, "checkpoints/epoch-1.pt")
-    write_bytes_atomic(path, b"first")
-    write_bytes_atomic(path, b"second version")
-    assert path.read_bytes() == b"second version"
-    assert store.describe(path) == (14, hashlib.sha256(b"second version").hexdigest())
-    assert [p.name for p in path.parent.iterdir()] == ["epoch-1.pt"]  # no temp file left
+def test_s3_store_creates_a_missing_bucket_on_first_upload(
+    seaweedfs: SeaweedFS, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    store = S3Store("mnistq-new-bucket", endpoint_url=seaweedfs.endpoint_url)
+    put_bytes(store, tmp_path, JOB, "model.pth", b"m")
+    assert seaweedfs.keys("mnistq-new-bucket") == [f"{JOB}/model.pth"]
 
 
-def test_delete_job_removes_its_folder_only(tmp_path: Path) -> None:
-    store = ArtifactStore(tmp_path)
-    write_bytes_atomic(store.path_for(JOB, "model.pth"), b"m")
-    write_bytes_atomic(store.path_for("b" * 32, "model.pth"), b"m")
-    store.delete_job(JOB)
-    store.delete_job(JOB)
-    assert not (tmp_path / JOB).exists()
-    assert (tmp_path / ("b" * 32) / "model.pth").exists()
+def test_an_unreachable_s3_server_is_store_unavailable(
+    s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    store = S3Store("mnistq", endpoint_url="http://127.0.0.1:9")  # nothing listens there
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(StoreUnavailable):
+        store.put(JOB, "model.pth", tmp_path / "f", sha256="0" * 64)
+    with pytest.raises(StoreUnavailable):
+        store.open(JOB, "model.pth").__enter__()
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [("s3://bucket/prefix", S3Store), ("file:///tmp/a", LocalStore), ("var/artifacts", LocalStore)],
+)
+def test_the_artifact_url_chooses_the_store(url: str, kind: type, s3_env: dict[str, str]) -> None:
+    assert isinstance(make_store(Settings(artifact_url=url)), kind)
+    assert isinstance(make_store(Settings()), LocalStore)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.artifacts import ArtifactStore
+from shared.store import LocalStore
 from tests.api.conftest import add_artifact, insert_job
 
 JOBS = "/api/v1/jobs"
@@ -16,7 +16,7 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
 
 
 @pytest.fixture
-def job_id(sessions: sessionmaker[Session], store: ArtifactStore) -> str:
+def job_id(sessions: sessionmaker[Session], store: LocalStore) -> str:
     """A finished job with a plot, a model and a checkpoint."""
     job_id = insert_job(sessions, status="succeeded")
     add_artifact(sessions, store, job_id, "loss_curve.png", PNG)
@@ -80,7 +80,7 @@ def test_unknown_artifact_and_unknown_job_are_404(client: FlaskClient, job_id: s
 
 
 def test_recorded_artifact_whose_file_is_gone_is_404(
-    client: FlaskClient, job_id: str, store: ArtifactStore
+    client: FlaskClient, job_id: str, store: LocalStore
 ) -> None:
-    (store.job_dir(job_id) / "model.pth").unlink()
+    ((store.root / job_id) / "model.pth").unlink()
     assert client.get(f"{JOBS}/{job_id}/artifacts/model.pth").status_code == 404

@@ -12,9 +12,9 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.artifacts import ArtifactStore
 from shared.auth import revoke_token
 from shared.models import ApiToken
+from shared.store import LocalStore
 from tests.api.conftest import Caller, add_artifact, add_user, insert_job
 
 JOBS = "/api/v1/jobs"
@@ -193,13 +193,13 @@ CASES: dict[str, Bad] = {
 
 
 @pytest.fixture
-def existing_job(sessions: sessionmaker[Session], store: ArtifactStore, tmp_path: Path) -> str:
+def existing_job(sessions: sessionmaker[Session], store: LocalStore, tmp_path: Path) -> str:
     """The job the artifact cases point at, with a recorded artifact that is a symlink out."""
     insert_job(sessions, id=JOB_ID, status="succeeded")
     add_artifact(sessions, store, JOB_ID, "leak.txt", b"placeholder")
     secret = tmp_path / "secret.txt"
     secret.write_text("private")
-    link = store.job_dir(JOB_ID) / "leak.txt"
+    link = (store.root / JOB_ID) / "leak.txt"
     link.unlink()
     link.symlink_to(secret)
     return JOB_ID

@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
 from api.dashboard_session import secret_key
-from shared.artifacts import ArtifactStore
 from shared.auth import revoke_token
 from shared.models import ApiToken, Job
 from shared.schemas import Hyperparameters
+from shared.store import LocalStore
 from tests.api.conftest import (
     Caller,
     RecordingPublisher,
@@ -134,7 +134,7 @@ def test_a_revoked_token_ends_its_sessions(
 
 
 def test_pages_render_with_the_strict_policy(
-    browser: FlaskClient, sessions: sessionmaker[Session], store: ArtifactStore
+    browser: FlaskClient, sessions: sessionmaker[Session], store: LocalStore
 ) -> None:
     job_id = insert_job(sessions, name="done", status="succeeded", test_accuracy=0.95)
     add_artifact(sessions, store, job_id, "loss_curve.png", b"\x89PNG")

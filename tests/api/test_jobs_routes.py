@@ -9,8 +9,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.artifacts import ArtifactStore
 from shared.models import Job
+from shared.store import LocalStore
 from tests.api.conftest import RecordingPublisher, add_artifact, insert_job, insert_metrics
 
 JOBS = "/api/v1/jobs"
@@ -67,7 +67,7 @@ def test_get_unknown_job_is_404(client: FlaskClient) -> None:
 
 
 def test_job_shows_progress_eta_results_and_links(
-    client: FlaskClient, sessions: sessionmaker[Session], store: ArtifactStore
+    client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore
 ) -> None:
     started = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     job_id = insert_job(
@@ -227,7 +227,7 @@ def test_cancel_a_finished_job_is_409(client: FlaskClient, sessions: sessionmake
 
 
 def test_resume_from_newest_checkpoint(
-    client: FlaskClient, sessions: sessionmaker[Session], store: ArtifactStore
+    client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore
 ) -> None:
     source = insert_job(sessions, status="succeeded")
     for epoch in (1, 2):
@@ -238,7 +238,7 @@ def test_resume_from_newest_checkpoint(
 
 
 def test_resume_needs_more_epochs_than_the_checkpoint(
-    client: FlaskClient, sessions: sessionmaker[Session], store: ArtifactStore
+    client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore
 ) -> None:
     source = insert_job(sessions, status="succeeded")
     add_artifact(sessions, store, source, "checkpoints/epoch-3.pt", b"c")

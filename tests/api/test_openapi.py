@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Flask
@@ -25,7 +26,7 @@ def test_every_route_is_documented(app: Flask, client: FlaskClient) -> None:
         undocumented = rule.endpoint in ("static", "openapi.document", "docs.page")
         if undocumented or rule.endpoint.startswith("dashboard."):  # HTML pages, not the API
             continue
-        path = rule.rule.replace("<job_id>", "{job_id}").replace("<path:name>", "{name}")
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
         for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
             assert (path, method.lower()) in documented, (path, method)
 

@@ -9,7 +9,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.artifacts import ArtifactStore
+from shared.store import LocalStore
 from tests.api.conftest import Caller, add_artifact, client_as, insert_job
 
 JOBS = "/api/v1/jobs"
@@ -17,7 +17,7 @@ JOBS = "/api/v1/jobs"
 
 @pytest.fixture
 def alices_job(
-    app: Flask, alice: Caller, sessions: sessionmaker[Session], store: ArtifactStore
+    app: Flask, alice: Caller, sessions: sessionmaker[Session], store: LocalStore
 ) -> str:
     """A job alice submitted, with a checkpoint and a model file."""
     job = client_as(app, alice).post(JOBS, json={"hyperparameters": {"n_epochs": 2}}).get_json()

@@ -18,8 +18,8 @@ from werkzeug.test import TestResponse
 from api import create_app
 from api import predict as predict_route
 from api.db import ENGINE_KEY
-from shared.artifacts import ArtifactStore
 from shared.models import Artifact
+from shared.store import LocalStore
 from tests.api.conftest import (
     Caller,
     add_artifact,
@@ -116,7 +116,7 @@ def model_bytes(seed: int = 0) -> bytes:
 
 
 @pytest.fixture
-def trained_job(sessions: sessionmaker[Session], store: ArtifactStore, admin: Caller) -> str:
+def trained_job(sessions: sessionmaker[Session], store: LocalStore, admin: Caller) -> str:
     """A succeeded job of the admin's with an (untrained) model.pth."""
     job_id = insert_job(sessions, status="succeeded", n_epochs=2, owner_id=admin.id)
     add_artifact(sessions, store, job_id, "model.pth", model_bytes())
@@ -149,7 +149,7 @@ def test_a_succeeded_job_predicts_from_a_raw_body_or_a_form(
 
 
 def test_the_model_is_loaded_once_per_job_and_sha256(
-    client: FlaskClient, trained_job: str, sessions: sessionmaker[Session], store: ArtifactStore
+    client: FlaskClient, trained_job: str, sessions: sessionmaker[Session], store: LocalStore
 ) -> None:
     before = predict_route.models.loads
     first = post_image(client, trained_job, DIGIT).get_json()
@@ -188,7 +188,7 @@ def test_missing_jobs_models_and_other_users_jobs_are_404(
 
 
 def test_an_unreadable_model_is_a_409_not_a_500(
-    client: FlaskClient, sessions: sessionmaker[Session], store: ArtifactStore
+    client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore
 ) -> None:
     job_id = insert_job(sessions, status="succeeded")
     add_artifact(sessions, store, job_id, "model.pth", b"not a torch file")

@@ -8,8 +8,8 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.artifacts import ArtifactStore
 from shared.config import Settings
+from shared.store import LocalStore
 from tests.api.conftest import add_artifact, insert_job, make_settings
 
 
@@ -21,7 +21,7 @@ def settings(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_an_artifact_under_a_relative_folder_downloads(
-    client: FlaskClient, sessions: sessionmaker[Session], store: ArtifactStore, tmp_path: Path
+    client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore, tmp_path: Path
 ) -> None:
     job_id = insert_job(sessions, status="succeeded")
     add_artifact(sessions, store, job_id, "model.pth", b"model-bytes")

@@ -9,7 +9,7 @@ from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from shared.artifacts import ArtifactStore
+from shared.store import LocalStore
 from tests.api.conftest import add_artifact, insert_job, make_settings
 
 JOBS = "/api/v1/jobs"
@@ -20,7 +20,7 @@ def test_every_response_says_nosniff(
     client: FlaskClient,
     anonymous: FlaskClient,
     sessions: sessionmaker[Session],
-    store: ArtifactStore,
+    store: LocalStore,
 ) -> None:
     job_id = insert_job(sessions, status="succeeded")
     add_artifact(sessions, store, job_id, "examples.png", b"\x89PNG")

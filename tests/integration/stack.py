@@ -27,15 +27,15 @@ CLI = [sys.executable, "-c", "from client.cli import main; main()"]
 class Process:
     """One ``mnistq`` subprocess in its own session, so it can be killed with its children."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.args, self.env, self.log = args, env, log
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> None:
+        self.args, self.env, self.log, self.cwd = args, env, log, cwd
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
         """Start it, appending its output to the log file."""
         out = self.log.open("ab")
         self.popen = subprocess.Popen(
-            [*CLI, *self.args], env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            [*CLI, *self.args], env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
         return self

@@ -10,8 +10,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import lease as leases
-from shared.lease import Lease, MetricRecord, ProgressUpdate
-from shared.models import Artifact, Job, JobStatus, Metric, utcnow
+from shared.lease import Claimant, Lease, MetricRecord, ProgressUpdate
+from shared.models import Artifact, Job, JobStatus, Metric, User, utcnow
 
 Factory = sessionmaker[Session]
 
@@ -38,8 +38,14 @@ def expire(factory: Factory, job_id: str) -> None:
         )
 
 
-def claim(factory: Factory, job_id: str) -> Lease | None:
-    return leases.claim(factory, job_id, hostname="host-a", lease_seconds=30)
+CLAIMANT = Claimant(hostname="host-a", worker_id="w" * 32, pid=4242)
+
+
+def claim(factory: Factory, job_id: str | None = None, queue: str = "cpu") -> Lease | None:
+    """Claim the best queued job of ``queue``; when ``job_id`` is given it must be that one."""
+    lease = leases.claim_next(factory, [queue], claimant=CLAIMANT, lease_seconds=30)
+    assert lease is None or job_id is None or lease.job_id == job_id
+    return lease
 
 
 PROGRESS = ProgressUpdate(1, 2, 10, 938, 640, 120000, 1000.0, 0.5)
@@ -54,6 +60,7 @@ def test_claim_runs_a_queued_job_once(factory: Factory) -> None:
     row = get(factory, job_id)
     assert (row.status, row.attempt, row.lease_token) == ("running", 1, first.token)
     assert row.started_at is not None and row.worker_hostname == "host-a"
+    assert (row.worker_id, row.worker_pid) == ("w" * 32, 4242)
     assert row.lease_expires_at is not None
 
 
@@ -251,3 +258,89 @@ def test_republish_is_bounded_per_pass(factory: Factory) -> None:
         add_job(factory)
     assert len(leases.republish_due(factory, lambda *a: None, grace_seconds=60, limit=3)) == 3
     assert len(leases.republish_due(factory, lambda *a: None, grace_seconds=60, limit=3)) == 2
+
+
+def test_claims_take_the_highest_priority_then_the_oldest(factory: Factory) -> None:
+    base = utcnow()
+    ids = {
+        name: add_job(factory, priority=priority, created_at=base + timedelta(seconds=i))
+        for i, (name, priority) in enumerate([("a", 0), ("b", 0), ("c", 50), ("d", -10)])
+    }
+    order = []
+    while (lease := claim(factory)) is not None:
+        order.append(lease.job_id)
+    assert order == [ids["c"], ids["a"], ids["b"], ids["d"]]
+
+
+def test_a_claim_takes_only_jobs_of_its_queues(factory: Factory) -> None:
+    gpu_job = add_job(factory, queue="gpu", priority=100)
+    cpu_job = add_job(factory, queue="cpu")
+    assert claim(factory, cpu_job, queue="cpu") is not None
+    assert claim(factory, queue="cpu") is None
+    assert claim(factory, gpu_job, queue="gpu") is not None
+
+
+def test_a_requeued_job_keeps_its_place_in_the_queue(factory: Factory) -> None:
+    first = add_job(factory, created_at=utcnow() - timedelta(minutes=5))
+    lease = claim(factory, first)
+    assert lease is not None
+    later = add_job(factory)
+    expire(factory, first)
+    assert leases.requeue_expired(factory, max_attempts=3).requeued == [first]
+    assert claim(factory) == Lease(first, get(factory, first).lease_token or "")
+    assert claim(factory, later) is not None
+
+
+def test_two_claimers_on_fifty_jobs_never_take_the_same_job(factory: Factory) -> None:
+    ids = {add_job(factory) for _ in range(50)}
+    taken: list[list[str]] = [[], []]
+    start = threading.Barrier(2)
+
+    def claimer(mine: list[str]) -> None:
+        start.wait()
+        while (lease := claim(factory)) is not None:
+            mine.append(lease.job_id)
+
+    threads = [threading.Thread(target=claimer, args=(mine,)) for mine in taken]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    both = taken[0] + taken[1]
+    assert sorted(both) == sorted(ids) and len(set(both)) == 50
+
+
+def test_requeue_hands_the_job_back_and_counts_the_attempt(factory: Factory) -> None:
+    job_id = add_job(factory)
+    lease = claim(factory, job_id)
+    assert lease is not None
+    assert leases.requeue(factory, lease, max_attempts=2, reason="store down") == "queued"
+    row = get(factory, job_id)
+    assert (row.status, row.attempt, row.lease_token, row.published_at) == ("queued", 1, None, None)
+    # The old lease fences a second try.
+    assert leases.requeue(factory, lease, max_attempts=2, reason="store down") is None
+    again = claim(factory, job_id)
+    assert again is not None
+    assert leases.requeue(factory, again, max_attempts=2, reason="store down") == "failed"
+    row = get(factory, job_id)
+    assert (row.status, row.attempt) == ("failed", 2)
+    assert row.error_message == "store down (gave up after 2 attempts)"
+
+
+def test_a_running_cap_per_user_lets_other_users_jobs_go_first(factory: Factory) -> None:
+    with factory() as session, session.begin():
+        session.add_all([User(id=1, name="busy"), User(id=2, name="other")])
+    base = utcnow()
+    busy = [add_job(factory, owner_id=1, created_at=base + timedelta(seconds=i)) for i in range(3)]
+    other = add_job(factory, owner_id=2, created_at=base + timedelta(seconds=10))
+
+    def capped() -> Lease | None:
+        return leases.claim_next(
+            factory, ["cpu"], claimant=CLAIMANT, lease_seconds=30, max_running_per_user=2
+        )
+
+    taken = [lease.job_id for lease in iter(capped, None)]
+    assert taken == [busy[0], busy[1], other]  # busy's third waits while two of theirs run
+    first = Lease(busy[0], get(factory, busy[0]).lease_token or "")
+    assert leases.finish(factory, first, JobStatus.SUCCEEDED)
+    assert [lease.job_id for lease in iter(capped, None)] == [busy[2]]
