@@ -80,6 +80,8 @@ class Job(Base):
         Index("ix_job_status_created", "status", "created_at"),
         # The job list pages newest first on (created_at, id).
         Index("ix_job_created_id", "created_at", "id"),
+        # ... and a user's own list on (owner_id, created_at, id) (migration 0008).
+        Index("ix_job_owner_created", "owner_id", "created_at", "id"),
         # A worker claims the best queued job of a queue: highest priority, then oldest.
         Index("ix_job_claim_order", "status", "queue", "priority", "created_at", "id"),
     )
