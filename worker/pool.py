@@ -4,7 +4,9 @@ children that warm up while they wait for their one job."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable
 
 from celery.concurrency.asynpool import AsynPool
@@ -16,6 +18,9 @@ logger = logging.getLogger(__name__)
 MAINTAIN_SECONDS = 0.25
 # A task waits at most this long for its child's warm-up, then runs cold.
 WARM_UP_TIMEOUT_SECONDS = 300.0
+
+# Logged by a child once warm; bench/service_overhead.py waits for it to measure a warm worker.
+WARM_MESSAGE = "pool child %d warmed up in %.1f s"
 
 # Set in a child once its warm-up is over (or when it has none): its task may claim.
 _warm = threading.Event()
@@ -48,8 +53,10 @@ def warm_up_in_background(prepare: Callable[[], None]) -> None:
 
 
 def _run(prepare: Callable[[], None]) -> None:
+    started = time.monotonic()
     try:
         prepare()
+        logger.info(WARM_MESSAGE, os.getpid(), time.monotonic() - started)
     except Exception:
         # The job repeats whatever failed here and fails with the reason, if it still fails.
         logger.warning("warming up this pool child failed", exc_info=True)
