@@ -40,7 +40,7 @@ QUICK_BATCHES = 300
 SEED_EPOCHS_PER_JOB = 3
 
 
-def seed_epoch(data_dir: Path, results: Path, max_batches: int | None) -> float:
+def seed_epoch(data_dir: Path, results: Path, max_batches: int | None) -> tuple[float, float]:
     """One epoch of the tutorial's train(): DataLoader, ToTensor/Normalize, saves as it logs."""
     train_loader = DataLoader(
         datasets.MNIST(str(data_dir), train=True, download=False,
@@ -51,7 +51,7 @@ def seed_epoch(data_dir: Path, results: Path, max_batches: int | None) -> float:
     torch.manual_seed(HP.random_seed)
     network = Net()
     optimizer = torch.optim.SGD(network.parameters(), lr=HP.learning_rate, momentum=HP.momentum)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     network.train()
     for batch_idx, (data, target) in enumerate(train_loader):
         if max_batches is not None and batch_idx >= max_batches:
@@ -65,21 +65,21 @@ def seed_epoch(data_dir: Path, results: Path, max_batches: int | None) -> float:
             loss.item()
             torch.save(network.state_dict(), results / "model.pth")
             torch.save(optimizer.state_dict(), results / "optimizer.pth")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def engine_epoch(data_dir: Path, max_batches: int | None) -> float:
+def engine_epoch(data_dir: Path, max_batches: int | None) -> tuple[float, float]:
     """One epoch through the engine's ``train_epoch``, set up as ``fit`` sets it up."""
     train = load_split(data_dir, train=True, download=False)
     torch.manual_seed(HP.random_seed)
     model = Net().to(memory_format=torch.channels_last)
     optimizer = make_optimizer(HP, model)
     generator = torch.Generator().manual_seed(HP.random_seed)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     train_epoch(model, optimizer, train, epoch=1, batch_size=HP.batch_size_train,
                 log_interval=HP.log_interval, generator=generator,
                 max_batches=max_batches)  # fmt: skip
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def side(name: str, data_dir: Path, threads: int, max_batches: int | None) -> None:
@@ -87,12 +87,12 @@ def side(name: str, data_dir: Path, threads: int, max_batches: int | None) -> No
     if name == "engine":
         configure_threads(threads)  # what a worker child does before its job
         load_split(data_dir, train=True, download=False)  # the worker's one-off load, not timed
-        seconds = engine_epoch(data_dir, max_batches)
+        seconds, cpu = engine_epoch(data_dir, max_batches)
     else:
         torch.set_num_threads(threads)  # the seed script's process, glibc's allocator defaults
         with tempfile.TemporaryDirectory() as results:
-            seconds = seed_epoch(data_dir, Path(results), max_batches)
-    print(json.dumps({"seconds": seconds}), flush=True)
+            seconds, cpu = seed_epoch(data_dir, Path(results), max_batches)
+    print(json.dumps({"seconds": seconds, "cpu": cpu}), flush=True)
 
 
 def _child_cmd(data_dir: Path, threads: int, quick: bool, *flags: str) -> list[str]:
@@ -100,11 +100,14 @@ def _child_cmd(data_dir: Path, threads: int, quick: bool, *flags: str) -> list[s
             *(["--quick"] if quick else []), *flags]  # fmt: skip
 
 
-def run_side(name: str, data_dir: Path, threads: int, max_batches: int | None) -> float:
-    """Seconds of one epoch of ``name`` in a fresh process."""
+def run_side(
+    name: str, data_dir: Path, threads: int, max_batches: int | None
+) -> tuple[float, float]:
+    """(wall, CPU) seconds of one epoch of ``name`` in a fresh process."""
     cmd = _child_cmd(data_dir, threads, max_batches is not None, "--side", name)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["seconds"])
+    found = json.loads(out.strip().splitlines()[-1])
+    return float(found["seconds"]), float(found["cpu"])
 
 
 def compare(
@@ -113,11 +116,19 @@ def compare(
     """Alternate seed and engine epochs; print each; return the two medians."""
     seed_times: list[float] = []
     engine_times: list[float] = []
+    cpu_ratios: list[float] = []
     for i in range(1, epochs + 1):
-        seed_times.append(run_side("seed", data_dir, threads, max_batches))
-        engine_times.append(run_side("engine", data_dir, threads, max_batches))
-        print(f"round {i}: seed {seed_times[-1]:6.2f} s   engine {engine_times[-1]:6.2f} s   "
-              f"ratio {engine_times[-1] / seed_times[-1]:.3f}", flush=True)  # fmt: skip
+        seed, seed_cpu = run_side("seed", data_dir, threads, max_batches)
+        engine, engine_cpu = run_side("engine", data_dir, threads, max_batches)
+        seed_times.append(seed)
+        engine_times.append(engine)
+        cpu_ratios.append(engine_cpu / seed_cpu)
+        # CPU seconds (of the whole process, every thread) are less disturbed by other
+        # processes on a busy machine than wall seconds, at one thread at least.
+        print(f"round {i}: seed {seed:6.2f} s   engine {engine:6.2f} s   ratio "
+              f"{engine / seed:.3f}   (CPU s: seed {seed_cpu:.2f}, engine {engine_cpu:.2f}, "
+              f"ratio {cpu_ratios[-1]:.3f})", flush=True)  # fmt: skip
+    print(f"median CPU-seconds ratio: {statistics.median(cpu_ratios):.3f}")
     # The fastest round is the one least disturbed by other processes on the machine.
     print(f"fastest round: seed {min(seed_times):.2f} s, engine {min(engine_times):.2f} s, "
           f"ratio {min(engine_times) / min(seed_times):.3f}")  # fmt: skip
@@ -131,7 +142,7 @@ def child(data_dir: Path, threads: int, max_batches: int | None) -> None:
     engine_epoch(data_dir, 20)  # warm up allocator and kernels
     print("ready", flush=True)
     sys.stdin.readline()
-    train_seconds = engine_epoch(data_dir, max_batches)
+    train_seconds, _ = engine_epoch(data_dir, max_batches)
     test = load_split(data_dir, train=False, download=False)
     start = time.perf_counter()
     evaluate(Net().to(memory_format=torch.channels_last), test, batch_size=HP.batch_size_test)
