@@ -88,7 +88,7 @@ def wait_healthy(base: str, timeout: float = 60) -> None:
         try:
             if HTTP.get(f"{base}/api/v1/health", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not up yet, or slow to answer its first request
             pass
         time.sleep(0.2)
     raise RuntimeError(f"API at {base} did not become healthy")
