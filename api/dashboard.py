@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import (
     Blueprint,
@@ -92,9 +93,15 @@ def signin() -> ResponseReturnValue:
 
 def _local(target: str | None) -> str | None:
     """``target`` if it is a path on this site (no open redirect), else None."""
-    if target and target.startswith("/") and not target.startswith(("//", "/\\")):
-        return target
-    return None
+    # Judge the URL a browser will follow: it drops tabs and newlines anywhere ("/\t/evil"
+    # becomes "//evil") and reads a backslash as a slash, so any control character or
+    # backslash is refused outright; CR/LF would also break the Location header.
+    if not target or any(ch < " " or ch in "\x7f\\" for ch in target):
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return None
+    return target
 
 
 @bp.post("/ui/signout")

@@ -8,15 +8,17 @@ import secrets
 from pathlib import Path
 
 from flask import Flask, request, session
-from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.db import get_session
 from api.errors import ApiError
+from api.extensions import services
 from shared.auth import authenticate
 from shared.config import Settings
 from shared.models import ApiToken
+from shared.sessions import end_session, find_session, start_session
 
-TOKEN_KEY = "token_hash"
+SESSION_KEY = "sid"
 CSRF_KEY = "csrf"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
@@ -57,36 +59,46 @@ def init_app(app: Flask, settings: Settings) -> None:
         SESSION_COOKIE_NAME="mnistq_session",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.session_cookie_secure,
+        # The browser drops the cookie when the server would end the session anyway.
+        PERMANENT_SESSION_LIFETIME=settings.session_idle,
     )
 
 
 def sign_in(secret: str) -> ApiToken | None:
     """Start a session for the live token ``secret``; None (and no session) otherwise."""
-    token = authenticate(get_session(), secret.strip())
+    db = get_session()
+    token = authenticate(db, secret.strip())
     if token is None:
         return None
+    _end_current(db)
     # A fresh session on sign-in: nothing from before (a planted CSRF token) carries over.
     session.clear()
-    # The hash, not the secret: the cookie is signed, not encrypted.
-    session[TOKEN_KEY] = token.token_hash
+    session.permanent = True
+    # A random id whose hash alone is stored: neither the secret nor anything in the
+    # database is in the cookie, so a copy of the database cannot be turned into one.
+    session[SESSION_KEY] = start_session(db, token, services().settings.session_idle)
     return token
 
 
 def sign_out() -> None:
-    """End the session."""
+    """End the session here and in the database: a copied cookie stops working too."""
+    _end_current(get_session())
     session.clear()
 
 
+def _end_current(db: Session) -> None:
+    session_id = session.get(SESSION_KEY)
+    if isinstance(session_id, str):
+        end_session(db, session_id)
+
+
 def session_token() -> ApiToken | None:
-    """The live token the session was signed in with; None if none or since revoked."""
-    token_hash = session.get(TOKEN_KEY)
-    if not isinstance(token_hash, str):
+    """The live token of this browser's session; None if none, ended, idle or revoked."""
+    session_id = session.get(SESSION_KEY)
+    if not isinstance(session_id, str):
         return None
-    stmt = select(ApiToken).where(ApiToken.token_hash == token_hash)
-    token = get_session().scalars(stmt).one_or_none()
-    if token is None or token.revoked_at is not None:
-        return None
-    return token
+    return find_session(get_session(), session_id, services().settings.session_idle)
 
 
 def session_may_authenticate() -> bool:
@@ -111,7 +123,10 @@ def check_csrf() -> None:
         return
     expected = session.get(CSRF_KEY)
     sent = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD, "")
-    if not isinstance(expected, str) or not hmac.compare_digest(expected, sent):
+    # Bytes, not str: compare_digest raises on a str that is not ASCII, and anyone may send one.
+    if not isinstance(expected, str) or not hmac.compare_digest(
+        expected.encode(), sent.encode(errors="replace")
+    ):
         raise ApiError(
             400, "csrf_failed", "the form is stale or was not sent by this dashboard; reload it"
         )

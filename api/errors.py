@@ -32,6 +32,8 @@ from shared.workers import WorkerNotFound
 
 logger = logging.getLogger(__name__)
 QUEUE_FULL_RETRY_SECONDS = 30  # a guess at when a queued job will have started
+MAX_REPORTED_ERRORS = 20  # validation errors one response lists; the message gives the total
+MAX_LOC_PART = 100  # characters of one key in a reported loc
 
 Loc = Sequence[str | int]
 
@@ -61,17 +63,32 @@ def field_error(loc: Loc, msg: str, kind: str = "value_error") -> dict[str, Any]
 
 
 def validation_failed(errors: list[dict[str, Any]]) -> ApiError:
-    """A 422 that names every bad field in its message and its details."""
-    named = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+    """A 422 whose message names the bad fields and whose details say what is wrong with each.
+
+    At most MAX_REPORTED_ERRORS are reported, with the total: a body of thousands of unknown
+    keys gets a short answer, not one that grows with the body (each error is said once).
+    """
+    shown = errors[:MAX_REPORTED_ERRORS]
+    named = ", ".join(".".join(map(str, e["loc"])) for e in shown)
     noun = "field is" if len(errors) == 1 else "fields are"
-    return ApiError(422, "validation_error", f"{len(errors)} {noun} invalid: {named}", errors)
+    more = f" (the first {len(shown)} listed)" if len(errors) > len(shown) else ""
+    return ApiError(422, "validation_error", f"{len(errors)} {noun} invalid{more}: {named}", shown)
 
 
 def from_pydantic(exc: ValidationError, where: str) -> ApiError:
     """A 422 from pydantic's errors, each loc prefixed with body, query or header."""
     # The offending input is left out: it can be huge, and the loc already names it.
-    errors = [field_error([where, *e["loc"]], e["msg"], e["type"]) for e in exc.errors()]
+    errors = [
+        field_error([where, *map(_short, e["loc"])], e["msg"], e["type"]) for e in exc.errors()
+    ]
     return validation_failed(errors)
+
+
+def _short(part: str | int) -> str | int:
+    """A loc part as reported: an unknown key can be as long as the body; its start names it."""
+    if isinstance(part, str) and len(part) > MAX_LOC_PART:
+        return part[:MAX_LOC_PART] + "…"
+    return part
 
 
 def error_response(status: int, code: str, message: str, details: Any = None) -> Response:

@@ -12,6 +12,7 @@ from shared.config import Settings
 
 KEY = "mnistq.limiter"
 STORAGE_TIMEOUT_SECONDS = 2
+SUBMIT_SCOPE = "submit"
 
 
 def _token_key() -> str:
@@ -44,7 +45,13 @@ def init_app(app: Flask, settings: Settings) -> None:
 
 
 def check_submit_rate() -> None:
-    """Count one submission for the caller's token; 429 with Retry-After past the limit."""
+    """Count one submission for the caller's token; 429 with Retry-After past the limit.
+
+    The one budget of a token for every way a person submits: POST /api/v1/jobs and the
+    dashboard's form call this (a sweep's submission counts once, as one call here). The
+    trials a sweep then starts on its own are not people's submissions and never come here.
+    """
     limiter: Limiter = current_app.extensions[KEY]
-    with limiter.limit(services().settings.submit_rate_limit, scope="submit"):
+    # Shared: a plain limit() would count per route, and each route would get the budget.
+    with limiter.shared_limit(services().settings.submit_rate_limit, scope=SUBMIT_SCOPE):
         pass

@@ -175,9 +175,11 @@ def _response(
 
 
 def _error_codes(route: Route) -> tuple[int, ...]:
-    """The route's own errors, 401 for every route that needs a token, and 500."""
+    """The route's own errors, 401 for every route that needs a token, 400 and 413 for every
+    JSON body (api.inputs.json_body answers them before validation), and 500."""
     auth = () if route.public else (401,)
-    return tuple(sorted({*route.op.errors, *auth, 500}))
+    body = (400, 413) if isinstance(route.op.body, type) else ()
+    return tuple(sorted({*route.op.errors, *auth, *body, 500}))
 
 
 def _operation_object(route: Route, refs: Mapping[Any, Any]) -> dict[str, Any]:

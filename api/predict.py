@@ -100,10 +100,14 @@ def predict_for_job(
     if job.status != JobStatus.SUCCEEDED:
         raise JobConflict(f"job {job.id} is {job.status}; only a succeeded job can predict")
     artifact = get_artifact(session, job.id, MODEL_FILE)
+    ink = _decode(image_bytes)  # in a child process: a bomb is refused without torch loaded
     # torch loads here, on the first prediction, never when the API starts.
     from worker.training import predict as engine
 
-    tensor = _preprocess(engine, image_bytes)
+    try:
+        tensor = engine.prepare(ink)
+    except engine.InvalidImage as exc:  # e.g. a blank page: no digit to read
+        raise ApiError(422, "invalid_image", str(exc)) from exc
     model_name = str(job.hyperparameters.get("model", "tutorial_cnn"))
     model = models.get(
         (job.id, artifact.sha256), lambda: _load(engine, store, job.id, artifact.name, model_name)
@@ -120,16 +124,21 @@ def predict_for_job(
     return dump(out)
 
 
-def _preprocess(engine: Any, image_bytes: bytes) -> Any:
-    """The model's input tensor; each kind of bad image as its own 4xx."""
+def _decode(image_bytes: bytes) -> Any:
+    """The image's band of ink, decoded in a child process; each kind of bad image a 4xx."""
+    from worker.training import image_decode as images  # Pillow only, no torch
+
     try:
-        return engine.preprocess(image_bytes)
-    except engine.ImageTooLarge as exc:
+        return images.decode_isolated(image_bytes)
+    except images.ImageTooLarge as exc:
         raise ApiError(413, "image_too_large", str(exc)) from exc
-    except engine.UnsupportedImageFormat as exc:
+    except images.UnsupportedImageFormat as exc:
         raise ApiError(415, "unsupported_image_format", str(exc)) from exc
-    except engine.InvalidImage as exc:
+    except images.InvalidImage as exc:
         raise ApiError(422, "invalid_image", str(exc)) from exc
+    except images.DecoderUnavailable as exc:
+        logger.error("image decoder unavailable: %s", exc)
+        raise ApiError(503, "decoder_unavailable", "images cannot be decoded right now") from exc
 
 
 def _load(engine: Any, store: ArtifactStore, job_id: str, name: str, model_name: str) -> Any:

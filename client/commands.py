@@ -346,7 +346,7 @@ def predict_command(client: Client, job_id: str, image: Path) -> None:
     click.echo(f"{prediction.digit} ({confidence:.1%})")
 
 
-@click.command("priority")
+@click.command("priority", context_settings={"ignore_unknown_options": True})
 @click.argument("job_id")
 @click.argument("priority", type=click.IntRange(-100, 100))
 @server_command
@@ -360,18 +360,21 @@ def _age(when: datetime) -> str:
     return _duration((datetime.now(UTC) - when).total_seconds())
 
 
-@click.group("workers", invoke_without_command=True)
-@click.pass_context
-def workers_group(ctx: click.Context) -> None:
-    """Workers: hostname, pid, queues, slots, jobs, last seen, state (drain with `drain ID`)."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(workers_list_command)
-
-
-@workers_group.command("list")
+@click.command("workers")
+@click.argument("action", required=False, type=click.Choice(["list", "drain"]), default="list")
+@click.argument("worker_id", required=False)
 @server_command
-def workers_list_command(client: Client) -> None:
-    """List the workers seen in the last hour."""
+def workers_command(client: Client, action: str, worker_id: str | None) -> None:
+    """Workers seen in the last hour; `mnistq workers drain ID` drains one (admins only).
+
+    A draining worker finishes what it runs, takes nothing new, and exits.
+    """
+    if action == "drain":
+        if worker_id is None:
+            raise click.UsageError("mnistq workers drain needs the worker's ID (mnistq workers)")
+        worker = client.drain_worker(worker_id)
+        click.echo(f"{worker.id} on {worker.hostname}: {worker.state}")
+        return
     rows = [
         [w.id, w.hostname, str(w.pid), ",".join(w.queues), str(w.slots),
          ",".join(w.jobs) or "-", f"{_age(w.last_seen_at)} ago", w.state]
@@ -379,15 +382,6 @@ def workers_list_command(client: Client) -> None:
     ]  # fmt: skip
     header = ["ID", "HOST", "PID", "QUEUES", "SLOTS", "JOBS", "LAST SEEN", "STATE"]
     click.echo(table(rows, header))
-
-
-@workers_group.command("drain")
-@click.argument("worker_id")
-@server_command
-def workers_drain_command(client: Client, worker_id: str) -> None:
-    """Let a worker finish what it runs, take nothing new, and exit (admins only)."""
-    worker = client.drain_worker(worker_id)
-    click.echo(f"{worker.id} on {worker.hostname}: {worker.state}")
 
 
 @click.command("queues")
@@ -412,6 +406,6 @@ COMMANDS = [
     download_command,
     predict_command,
     priority_command,
-    workers_group,
+    workers_command,
     queues_command,
 ]

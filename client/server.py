@@ -140,6 +140,9 @@ def worker_command(queues: str, concurrency: int | None, loglevel: str) -> None:
         # shared best by one job at a time.
         concurrency = usable_cores() if "cpu" in queues.split(",") else 1
     argv = ["worker", "--queues", queues, "--concurrency", str(concurrency)]
+    # A node name of its own (Celery's default, celery@host, repeats for every worker on a
+    # machine): a control message for this worker, such as a drain's, reaches only it.
+    argv += ["--hostname", f"mnistq-{os.getpid()}@%h"]
     # A new process per job: memory (and CUDA state) of one job never leaks into the next.
     argv += ["--loglevel", loglevel, "--prefetch-multiplier", "1", "--max-tasks-per-child", "1"]
     app.worker_main(argv)

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from shared.models import ApiToken, User, utcnow
+from shared.sessions import end_sessions_of
 
 TOKEN_PREFIX = "mnq_"
 # mnq_ + token_urlsafe(32): 43 characters of base64url, 256 bits of randomness.
@@ -109,6 +110,7 @@ def revoke_token(session: Session, public_id: str) -> ApiToken:
         raise TokenNotFound(f"no token with id {public_id!r}")
     if token.revoked_at is None:
         token.revoked_at = utcnow()
+        end_sessions_of(session, token)  # the dashboard browsers signed in with it, at once
         session.commit()
     return token
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 
@@ -81,7 +82,15 @@ class Settings(BaseSettings):
         "", description="comma-separated origins allowed cross-origin calls; empty: CORS off"
     )
     secret_key: SecretStr | None = Field(
-        None, description="signs the dashboard's session cookie; unset: a key kept in var_dir"
+        None,
+        min_length=32,
+        description="signs the dashboard's session cookie; unset: a random key kept in var_dir",
+    )
+    session_idle_hours: float = Field(
+        12.0, gt=0, description="a dashboard session unused this long ends; sign in again"
+    )
+    session_cookie_secure: bool = Field(
+        False, description="send the session cookie over HTTPS only (on behind TLS)"
     )
 
     def threads_per_job(self, concurrency: int) -> int:
@@ -104,6 +113,11 @@ class Settings(BaseSettings):
     def secret_key_path(self) -> Path:
         """Where the generated session key lives when ``secret_key`` is unset (mode 0600)."""
         return self.var_dir / "secret-key"
+
+    @property
+    def session_idle(self) -> timedelta:
+        """How long an unused dashboard session lives."""
+        return timedelta(hours=self.session_idle_hours)
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -211,6 +211,26 @@ class ApiToken(Base):
     user: Mapped[User] = relationship(back_populates="tokens")
 
 
+class DashboardSession(Base):
+    """A browser signed in to the dashboard with a token; it ends at sign-out or revocation.
+
+    The cookie holds a random session id, this row only its sha256: the database (or a
+    backup of it) and the signing key together still cannot make a working cookie.
+    """
+
+    __tablename__ = "dashboard_session"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("api_token.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Idle sessions end: a request after settings.session_idle_hours finds it gone.
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    token: Mapped[ApiToken] = relationship()
+
+
 class Worker(Base):
     """A running worker process, as its own heartbeat last described it (the registry)."""
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import unicodedata
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -53,11 +54,25 @@ ArtifactKind = Literal["checkpoint", "model", "plot", "log"]
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
-def _printable(value: str | None) -> str | None:
-    """Refuse control characters and lone surrogates, which no database column can store."""
-    if value is not None and any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
-        raise ValueError("must not contain control characters or lone surrogates")
+# Control (Cc), format (Cf: bidirectional overrides and isolates, zero-width characters, BOM),
+# surrogate (Cs), line and paragraph separator (Zl, Zp) characters. In a name they hide text,
+# reorder it on screen (U+202E shows "exe.txt" for "txt.exe") or break lines in lists and logs.
+HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def plain_text(value: str) -> str:
+    """``value`` unless it holds a character that is invisible or reorders or breaks the text."""
+    for ch in value:
+        if unicodedata.category(ch) in HIDDEN_CATEGORIES:
+            raise ValueError(
+                f"must not contain control, bidirectional, zero-width or line-separator "
+                f"characters (found U+{ord(ch):04X})"
+            )
     return value
+
+
+# A label people give a job or a sweep: what the lists show. Sweep names use it too.
+Name = Annotated[str, Field(max_length=200), AfterValidator(plain_text)]
 
 
 class ResumeFrom(BaseModel):
@@ -76,7 +91,7 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    name: str | None = Field(None, max_length=200, description="a label for people")
+    name: Name | None = Field(None, description="a label for people")
     hyperparameters: Hyperparameters = Field(
         default_factory=lambda: Hyperparameters.model_validate({}),
         description="omitted keys take the seed recipe's values",
@@ -89,8 +104,6 @@ class JobCreate(BaseModel):
         0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
         description="larger runs first; among equal priorities the oldest job runs first",
     )  # fmt: skip
-
-    _check_name = field_validator("name")(_printable)
 
     @field_validator("device")
     @classmethod
@@ -319,7 +332,7 @@ class ComponentHealthOut(BaseModel):
     """Whether one dependency answered."""
 
     ok: bool
-    error: str | None = None
+    error: str | None = Field(None, description="'unreachable' when down; the reason is logged")
 
 
 class HealthOut(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import socket
@@ -57,7 +58,9 @@ class SeaweedFS:
         args = [weed_binary(), "mini", f"-dir={self.workdir}", "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1", *ports]  # fmt: skip
         log = (self.workdir / "weed.log").open("ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        # The server's one identity comes from the AWS_* variables: other keys are refused.
+        env = os.environ | CREDENTIALS
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while True:
             try:

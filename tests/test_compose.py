@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,14 +19,25 @@ ROOT = Path(__file__).resolve().parent.parent
 MNISTQ_SERVICES = ("migrate", "api", "worker", "worker-gpu")
 
 
-def compose_config(*extra: str) -> dict[str, Any]:
-    """The file as docker-compose itself resolves it (anchors, merges, profiles)."""
+SECRET_KEY = "k" * 48  # what an operator exports; compose has no default of its own
+STORE_SECRET = "s" * 40
+OPERATOR_ENV = {"MNISTQ_SECRET_KEY": SECRET_KEY, "AWS_SECRET_ACCESS_KEY": STORE_SECRET}
+
+
+def run_compose_config(*extra: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``docker-compose [extra] config`` in the repository with exactly ``env`` (plus PATH)."""
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.fail("docker-compose is not installed (scripts/services installs it)")
-    out = subprocess.run(
-        [exe, *extra, "config"], cwd=ROOT, capture_output=True, text=True, check=False
-    )
+    return subprocess.run(
+        [exe, *extra, "config"], cwd=ROOT, capture_output=True, text=True, check=False,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")} | env,
+    )  # fmt: skip
+
+
+def compose_config(*extra: str) -> dict[str, Any]:
+    """The file as docker-compose itself resolves it (anchors, merges, profiles)."""
+    out = run_compose_config(*extra, env=OPERATOR_ENV)
     assert out.returncode == 0, out.stderr
     config: dict[str, Any] = yaml.safe_load(out.stdout)
     return config
@@ -113,3 +125,36 @@ def test_stack_shape_matches_the_design(services: dict[str, Any]) -> None:
     assert "gpu" in gpu["command"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia"
+
+
+def test_compose_refuses_to_start_without_a_secret_key() -> None:
+    """No known default key: without MNISTQ_SECRET_KEY there is no stack at all."""
+    out = run_compose_config(env={"AWS_SECRET_ACCESS_KEY": STORE_SECRET})
+    assert out.returncode != 0
+    assert "MNISTQ_SECRET_KEY" in out.stderr
+
+
+def test_compose_refuses_to_start_without_an_object_store_secret() -> None:
+    """The store's one identity has no default secret either; the store and its clients agree."""
+    out = run_compose_config(env={"MNISTQ_SECRET_KEY": SECRET_KEY})
+    assert out.returncode != 0
+    assert "AWS_SECRET_ACCESS_KEY" in out.stderr
+
+
+def test_the_object_store_and_its_clients_share_the_operators_key(
+    services: dict[str, Any],
+) -> None:
+    store = services["seaweedfs"]["environment"]
+    assert store["AWS_SECRET_ACCESS_KEY"] == STORE_SECRET
+    for name in ("api", "worker", "worker-gpu"):
+        env = services[name]["environment"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == STORE_SECRET, name
+        assert env["AWS_ACCESS_KEY_ID"] == store["AWS_ACCESS_KEY_ID"], name
+
+
+def test_compose_passes_the_operators_key_and_a_secure_cookie(services: dict[str, Any]) -> None:
+    for name in ("migrate", "api", "worker"):
+        env = services[name]["environment"]
+        assert env["MNISTQ_SECRET_KEY"] == SECRET_KEY
+        secure = env["MNISTQ_SESSION_COOKIE_SECURE"]
+        assert Settings.model_validate({"session_cookie_secure": secure}).session_cookie_secure

@@ -77,7 +77,8 @@ def empty_tables(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("TRUNCATE artifact, metric, job, api_token, user_account, worker"))
+            tables = "dashboard_session, artifact, metric, job, api_token, user_account, worker"
+            conn.execute(text(f"TRUNCATE {tables}"))
     finally:
         engine.dispose()
 

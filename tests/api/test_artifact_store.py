@@ -197,3 +197,14 @@ def test_the_artifact_url_chooses_the_store(url: str, kind: type, s3_env: dict[s
 )
 def test_artifact_kind(name: str, kind: str) -> None:
     assert artifact_kind(name) == kind
+
+
+def test_the_s3_server_refuses_a_wrong_key(
+    seaweedfs: SeaweedFS, s3_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = seaweedfs.new_bucket()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    store = S3Store(bucket, endpoint_url=seaweedfs.endpoint_url)
+    with pytest.raises(StoreUnavailable, match=r"InvalidAccessKeyId|SignatureDoesNotMatch"):
+        put_bytes(store, tmp_path, JOB, "model.pth", b"m")
+    assert seaweedfs.keys(bucket) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,16 +10,19 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.auth import revoke_token
 from shared.models import ApiToken
 from shared.store import LocalStore
+from tests.api.bombs import scan_bomb
 from tests.api.conftest import Caller, add_artifact, add_user, insert_job
 
 JOBS = "/api/v1/jobs"
 JOB_ID = "0123456789abcdef0123456789abcdef"  # an existing job, made by the fixture
+PREDICT = f"{JOBS}/{JOB_ID}/predict"
 # Stand-ins for tokens the fixtures make; any other string is sent as the header itself.
 ADMIN, ALICE, REVOKED = "<admin>", "<alice>", "<revoked>"
 
@@ -36,6 +40,15 @@ class Bad:
     headers: dict[str, str] = field(default_factory=dict)
     locs: tuple[tuple[str | int, ...], ...] = ()  # every one must be named in details
     auth: str | None = ADMIN  # the Authorization header; None sends none
+    max_bytes: int = 8192  # the error must stay this short, whatever the request's size
+    prime: str | None = None  # a page to GET first (it gives the session a CSRF token)
+
+
+def image(picture: Image.Image, fmt: str = "PNG") -> bytes:
+    """``picture`` encoded as ``fmt``."""
+    buffer = io.BytesIO()
+    picture.save(buffer, fmt)
+    return buffer.getvalue()
 
 
 def post(body: Any, status: int, error: str, *locs: tuple[str | int, ...]) -> Bad:
@@ -50,7 +63,9 @@ def auth(header: str | None, error: str = "invalid_token", path: str = JOBS) -> 
 
 
 HP = ("body", "hyperparameters")
+NAME = ("body", "name")
 INVALID = "validation_error"
+FORM = "application/x-www-form-urlencoded"
 
 CASES: dict[str, Bad] = {
     "no token": auth(None, "authentication_required"),
@@ -113,6 +128,42 @@ CASES: dict[str, Bad] = {
     "name with NUL": post({"name": "a\u0000b"}, 422, INVALID, ("body", "name")),
     "name lone surrogate": post('{"name": "\\ud800"}', 422, INVALID, ("body", "name")),
     "name as object": post({"name": {"a": 1}}, 422, INVALID, ("body", "name")),
+    "name with bidi override": post({"name": "invoice\u202etxt.exe"}, 422, INVALID, NAME),
+    "name with bidi isolate": post({"name": "a\u2066b\u2069"}, 422, INVALID, NAME),
+    "name with zero-width space": post({"name": "ad\u200bmin"}, 422, INVALID, NAME),
+    "name with zero-width joiner": post({"name": "a\u200db"}, 422, INVALID, NAME),
+    "name with byte order mark": post({"name": "\ufeffname"}, 422, INVALID, NAME),
+    "name with line separator": post({"name": "one\u2028two"}, 422, INVALID, NAME),
+    "name with paragraph separator": post({"name": "one\u2029two"}, 422, INVALID, NAME),
+    "name with escape sequence": post({"name": "\x1b[31mred"}, 422, INVALID, NAME),
+    "3000 unknown keys": post(
+        {f"k{i:04}": 1 for i in range(3000)}, 422, INVALID, ("body", "k0000"), ("body", "k0019")
+    ),
+    "3000 unknown hyperparameters": post(
+        {"hyperparameters": {f"h{i:04}": 1 for i in range(3000)}}, 422, INVALID, (*HP, "h0000")
+    ),
+    "one 60 kB unknown key": Bad("POST", JOBS, 422, INVALID, json.dumps({"k" * 60_000: 1})),
+    "non-ASCII CSRF header": Bad(
+        "POST",
+        "/ui/signin",
+        400,
+        "csrf_failed",
+        "token=x",
+        FORM,
+        headers={"X-CSRF-Token": "\u00e9t\u00e9"},
+        auth=None,
+        prime="/ui/signin",
+    ),
+    "non-ASCII CSRF field": Bad(
+        "POST",
+        "/ui/signin",
+        400,
+        "csrf_failed",
+        "token=x&csrf_token=%C3%A9%E2%9C%93",
+        FORM,
+        auth=None,
+        prime="/ui/signin",
+    ),
     "unknown device": post({"device": "tpu"}, 422, INVALID, ("body", "device")),
     "device conflict": post(
         {"device": "cuda", "hyperparameters": {"device": "cpu"}}, 422, INVALID, ("body", "device")
@@ -186,6 +237,20 @@ CASES: dict[str, Bad] = {
     "artifact symlink escaping": Bad(
         "GET", f"{JOBS}/{JOB_ID}/artifacts/leak.txt", 400, "invalid_artifact_name"
     ),
+    "progressive JPEG bomb": Bad(
+        "POST", PREDICT, 413, "image_too_large", scan_bomb(1024, size=100_000), "image/jpeg"
+    ),
+    "PNG header of 30000x30000": Bad(
+        "POST", PREDICT, 413, "image_too_large", image(Image.new("1", (30000, 30000))), "image/png"
+    ),
+    "GIF sent as PNG": Bad(
+        "POST",
+        PREDICT,
+        415,
+        "unsupported_image_format",
+        image(Image.new("L", (9, 9)), "GIF"),
+        "image/png",
+    ),
     "unknown route": Bad("GET", "/api/v1/nothing", 404, "not_found"),
     "wrong method": Bad("DELETE", f"{JOBS}/{JOB_ID}", 405, "method_not_allowed"),
     "GET on cancel": Bad("GET", f"{JOBS}/{JOB_ID}/cancel", 405, "method_not_allowed"),
@@ -197,6 +262,7 @@ def existing_job(sessions: sessionmaker[Session], store: LocalStore, tmp_path: P
     """The job the artifact cases point at, with a recorded artifact that is a symlink out."""
     insert_job(sessions, id=JOB_ID, status="succeeded")
     add_artifact(sessions, store, JOB_ID, "leak.txt", b"placeholder")
+    add_artifact(sessions, store, JOB_ID, "model.pth", b"never loaded: the image is refused first")
     secret = tmp_path / "secret.txt"
     secret.write_text("private")
     link = (store.root / JOB_ID) / "leak.txt"
@@ -227,8 +293,11 @@ def test_bad_request_gets_a_json_error(
         )
     if case.content_type is not None:
         headers["Content-Type"] = case.content_type
+    if case.prime is not None:
+        assert client.get(case.prime).status_code == 200
     response = client.open(case.path, method=case.method, data=case.body, headers=headers)
     assert response.status_code == case.status, response.get_data(as_text=True)[:500]
+    assert len(response.get_data()) <= case.max_bytes
     body = response.get_json()
     assert body["error"] == case.error
     assert isinstance(body["message"], str) and body["message"]
@@ -239,7 +308,7 @@ def test_bad_request_gets_a_json_error(
 
 
 def test_the_table_covers_enough_cases() -> None:
-    assert len(CASES) >= 25
+    assert len(CASES) >= 87  # 71 before the hardening review, 16 rows from it
 
 
 def test_405_says_which_methods_are_allowed(client: FlaskClient) -> None:

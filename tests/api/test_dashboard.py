@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import re
 import stat
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from pydantic import SecretStr
-from sqlalchemy import select
+from pydantic import SecretStr, ValidationError
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
 from api.dashboard_session import secret_key
+from api.db import ENGINE_KEY, SESSIONS_KEY
 from shared.auth import revoke_token
-from shared.models import ApiToken, Job
+from shared.lease import as_utc
+from shared.models import ApiToken, DashboardSession, Job, utcnow
 from shared.schemas import Hyperparameters
+from shared.sessions import hash_session_id
 from shared.store import LocalStore
 from tests.api.conftest import (
     Caller,
     RecordingPublisher,
     add_artifact,
+    add_user,
     insert_job,
     insert_metrics,
     make_settings,
@@ -84,11 +91,37 @@ def test_sign_in_with_a_bad_token_is_refused(app: Flask) -> None:
     assert client.get("/ui/").status_code == 302
 
 
-def test_sign_in_never_redirects_off_site(app: Flask, admin: Caller) -> None:
+# Hostile sign-in targets (URL-encoded as sent): each must land on the dashboard, never off
+# site and never as a 500. Browsers drop tabs and newlines, so "/\t/evil" is "//evil".
+OFF_SITE_NEXT = {
+    "protocol-relative": "//evil.example/x",
+    "tab then slash": "/%09/evil.example",
+    "newline then slash": "/%0A/evil.example",
+    "CR then slash": "/%0D/evil.example",
+    "header injection": "/%0D%0ASet-Cookie:%20a=b",
+    "backslash": "/%5Cevil.example",
+    "slash backslash": "%5C%5Cevil.example",
+    "absolute URL": "https://evil.example/",
+    "scheme only": "javascript:alert(1)",
+    "leading space": "%20//evil.example",
+    "NUL": "/ui/%00",
+}
+
+
+@pytest.mark.parametrize("target", OFF_SITE_NEXT.values(), ids=OFF_SITE_NEXT.keys())
+def test_sign_in_never_redirects_off_site(app: Flask, admin: Caller, target: str) -> None:
     client = app.test_client()
     data = {"token": admin.token, "csrf_token": csrf_of(client)}
-    response = client.post("/ui/signin?next=//evil.example/x", data=data)
+    response = client.post(f"/ui/signin?next={target}", data=data)
+    assert response.status_code == 302
     assert response.headers["Location"] == "/ui/"
+
+
+def test_sign_in_keeps_a_local_target_with_its_query(app: Flask, admin: Caller) -> None:
+    client = app.test_client()
+    data = {"token": admin.token, "csrf_token": csrf_of(client)}
+    response = client.post("/ui/signin?next=/ui/compare%3Fjob%3Da%26job%3Db", data=data)
+    assert response.headers["Location"] == "/ui/compare?job=a&job=b"
 
 
 @pytest.mark.parametrize("sent", [None, "forged"])
@@ -274,5 +307,114 @@ def test_the_secret_key_is_made_once_and_kept_private(tmp_path: Path, database_u
     assert stat.S_IMODE(settings.secret_key_path.stat().st_mode) == 0o600
     app = create_app(settings, publish=lambda j, q: None)
     assert app.secret_key == first
-    configured = make_settings(tmp_path, database_url, secret_key=SecretStr("from-env"))
-    assert secret_key(configured) == "from-env"
+    key = "k" * 32
+    configured = make_settings(tmp_path, database_url, secret_key=SecretStr(key))
+    assert secret_key(configured) == key
+
+
+@pytest.mark.parametrize("key", ["change-me", "", "x" * 31])
+def test_a_short_configured_key_is_refused(tmp_path: Path, database_url: str, key: str) -> None:
+    with pytest.raises(ValidationError, match="secret_key"):
+        make_settings(tmp_path, database_url, secret_key=SecretStr(key))
+
+
+def cookie_of(client: FlaskClient, app: Flask) -> dict[str, Any]:
+    """The signed session cookie's content, read with the app's own key."""
+    cookie = client.get_cookie("mnistq_session")
+    assert cookie is not None
+    serializer = app.session_interface.get_signing_serializer(app)  # type: ignore[attr-defined]
+    content: dict[str, Any] = serializer.loads(cookie.value)
+    return content
+
+
+def session_rows(sessions: sessionmaker[Session]) -> list[DashboardSession]:
+    """Every dashboard session in the database."""
+    with sessions() as session:
+        return list(session.scalars(select(DashboardSession)))
+
+
+def test_sign_out_ends_the_session_for_a_copied_cookie_too(app: Flask, admin: Caller) -> None:
+    browser = signed_in(app, admin)
+    thief = app.test_client()
+    cookie = browser.get_cookie("mnistq_session")
+    assert cookie is not None
+    thief.set_cookie("mnistq_session", cookie.value)
+    assert thief.get("/ui/").status_code == 200
+    browser.post("/ui/signout", data={"csrf_token": csrf_of(browser, "/ui/")})
+    assert thief.get("/ui/").status_code == 302
+    assert thief.get("/api/v1/jobs").status_code == 401  # the JSON API's session reads too
+
+
+def test_the_cookie_holds_a_random_id_and_the_database_only_its_hash(
+    app: Flask, admin: Caller, sessions: sessionmaker[Session]
+) -> None:
+    first, second = signed_in(app, admin), signed_in(app, admin)
+    ids = [cookie_of(client, app)["sid"] for client in (first, second)]
+    assert ids[0] != ids[1] and min(map(len, ids)) >= 40
+    rows = session_rows(sessions)
+    assert {row.id_hash for row in rows} == {hash_session_id(i) for i in ids}
+    with sessions() as session:
+        token_hash = session.scalars(select(ApiToken.token_hash)).one()
+    for client in (first, second):
+        assert token_hash not in json.dumps(cookie_of(client, app))
+
+
+@pytest.mark.parametrize("field", ["token_hash", "sid"])
+def test_a_cookie_forged_from_the_database_and_the_key_gets_nowhere(
+    app: Flask, admin: Caller, sessions: sessionmaker[Session], field: str
+) -> None:
+    """Whoever reads the database (or a backup) and knows the key still cannot sign in."""
+    signed_in(app, admin)  # a live session whose row the forger can read
+    with sessions() as session:
+        known = {
+            "token_hash": session.scalars(select(ApiToken.token_hash)).one(),
+            "sid": session.scalars(select(DashboardSession.id_hash)).one(),
+        }
+    forger = app.test_client()
+    serializer = app.session_interface.get_signing_serializer(app)  # type: ignore[attr-defined]
+    forger.set_cookie("mnistq_session", serializer.dumps({field: known[field]}))
+    assert forger.get("/ui/").status_code == 302
+    assert forger.get("/api/v1/jobs").status_code == 401
+
+
+def test_a_session_idle_past_its_lifetime_ends(
+    app: Flask, admin: Caller, sessions: sessionmaker[Session]
+) -> None:
+    assert app.config["PERMANENT_SESSION_LIFETIME"] == timedelta(hours=12)
+    browser = signed_in(app, admin)
+    with sessions() as session, session.begin():
+        session.execute(
+            update(DashboardSession).values(last_seen_at=utcnow() - timedelta(hours=11))
+        )
+    assert browser.get("/ui/").status_code == 200  # used within 12 h: alive, and seen again
+    [row] = session_rows(sessions)
+    assert utcnow() - as_utc(row.last_seen_at) < timedelta(minutes=1)
+    with sessions() as session, session.begin():
+        session.execute(
+            update(DashboardSession).values(last_seen_at=utcnow() - timedelta(hours=12, seconds=1))
+        )
+    assert browser.get("/ui/").status_code == 302
+    assert session_rows(sessions) == []
+
+
+def test_revoking_the_token_deletes_its_sessions(
+    app: Flask, alice: Caller, bob: Caller, sessions: sessionmaker[Session]
+) -> None:
+    signed_in(app, alice)
+    signed_in(app, bob)
+    with sessions() as session:
+        token = session.scalars(select(ApiToken).where(ApiToken.user_id == alice.id)).one()
+        revoke_token(session, token.public_id)
+        assert {row.token.user_id for row in session.scalars(select(DashboardSession))} == {bob.id}
+
+
+def test_the_secure_flag_is_a_setting(tmp_path: Path, database_url: str) -> None:
+    for secure in (False, True):
+        settings = make_settings(tmp_path, database_url, session_cookie_secure=secure)
+        app = create_app(settings, publish=RecordingPublisher())
+        caller = add_user(app.extensions[SESSIONS_KEY], f"u{int(secure)}")
+        client = app.test_client()
+        data = {"token": caller.token, "csrf_token": csrf_of(client)}
+        cookie = client.post("/ui/signin", data=data).headers["Set-Cookie"]
+        assert ("Secure" in cookie.split("; ")) is secure, cookie
+        app.extensions[ENGINE_KEY].dispose()

@@ -16,6 +16,7 @@ from api.db import ENGINE_KEY, SESSIONS_KEY
 from shared.config import Settings
 from shared.models import Job
 from tests.api.conftest import RecordingPublisher, add_user, client_as, make_settings
+from tests.api.test_dashboard import csrf_of, signed_in
 
 JOBS = "/api/v1/jobs"
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
@@ -48,6 +49,23 @@ def test_submissions_past_the_rate_limit_get_429_with_retry_after(
     # The limit counts per token: another user, and reads, are not affected.
     assert client_as(app, add_user(sessions, "bob")).post(JOBS, json={}).status_code == 201
     assert alice.get(JOBS).status_code == 200
+    app.extensions[ENGINE_KEY].dispose()
+
+
+def test_the_api_and_the_dashboard_form_share_one_budget_per_token(
+    tmp_path: Path, database_url: str
+) -> None:
+    app = _app(tmp_path, database_url, submit_rate_limit="2/minute")
+    caller = add_user(app.extensions[SESSIONS_KEY], "alice")
+    api = client_as(app, caller)
+    form = signed_in(app, caller)
+    csrf = csrf_of(form, "/ui/jobs/new")
+    assert api.post(JOBS, json={}).status_code == 201
+    assert form.post("/ui/jobs/new", data={"csrf_token": csrf}).status_code == 302
+    refused = api.post(JOBS, json={})
+    assert refused.status_code == 429 and refused.get_json()["error"] == "rate_limited"
+    assert form.post("/ui/jobs/new", data={"csrf_token": csrf}).status_code == 429
+    assert _jobs(app) == 2
     app.extensions[ENGINE_KEY].dispose()
 
 

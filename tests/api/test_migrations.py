@@ -34,7 +34,14 @@ def _tables(url: str) -> set[str]:
 def test_upgrade_on_fresh_sqlite_matches_models(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     upgrade(url)
-    assert _tables(url) >= {"job", "metric", "artifact", "user_account", "api_token"}
+    assert _tables(url) >= {
+        "job",
+        "metric",
+        "artifact",
+        "user_account",
+        "api_token",
+        "dashboard_session",
+    }
     assert _schema_diff(url) == []
 
 
@@ -50,7 +57,14 @@ def test_upgrade_on_fresh_postgresql_matches_models(
 ) -> None:
     url = postgres_database()
     upgrade(url)
-    assert _tables(url) >= {"job", "metric", "artifact", "user_account", "api_token"}
+    assert _tables(url) >= {
+        "job",
+        "metric",
+        "artifact",
+        "user_account",
+        "api_token",
+        "dashboard_session",
+    }
     assert _schema_diff(url) == []
 
 

@@ -77,6 +77,27 @@ def test_database_down_is_503_on_health_and_on_routes(tmp_path: Path) -> None:
         assert response.get_json()["error"] == "database_unavailable"
 
 
+def test_public_health_says_down_without_naming_hosts_ports_or_roles(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db_port, broker_port = free_port(), free_port()
+    url = f"postgresql+psycopg://mnistq_role@127.0.0.1:{db_port}/mnistq"
+    app = _app(tmp_path, url, broker_url=f"redis://127.0.0.1:{broker_port}/0")
+    with caplog.at_level(logging.WARNING, logger="api.health"):
+        response = app.test_client().get(HEALTH)
+    assert response.status_code == 503
+    assert response.get_json() == {
+        "status": "unavailable",
+        "database": {"ok": False, "error": "unreachable"},
+        "broker": {"ok": False, "error": "unreachable"},
+    }
+    text = response.get_data(as_text=True)
+    for leak in ("127.0.0.1", str(db_port), str(broker_port), "mnistq_role", "psycopg"):
+        assert leak not in text, leak
+    logged = " ".join(r.getMessage() for r in caplog.records if r.name == "api.health")
+    assert str(db_port) in logged and str(broker_port) in logged  # the operator still learns why
+
+
 def test_submit_with_redis_down_still_stores_the_job(tmp_path: Path, database_url: str) -> None:
     """The real Celery publisher against a dead Redis: 201, published_at stays NULL.
 

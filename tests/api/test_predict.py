@@ -20,6 +20,7 @@ from api import predict as predict_route
 from api.db import ENGINE_KEY
 from shared.models import Artifact
 from shared.store import LocalStore
+from tests.api.bombs import progressive_jpeg, scan_bomb
 from tests.api.conftest import (
     Caller,
     add_artifact,
@@ -29,8 +30,21 @@ from tests.api.conftest import (
     make_settings,
 )
 from worker.training.data import MEAN, STD, normalize
+from worker.training.image_decode import (
+    DecodeLimits,
+    ImageTooLarge,
+    IsolatedDecoder,
+    decode,
+    jpeg_scans,
+)
 from worker.training.nets import build_model
-from worker.training.predict import InvalidImage, preprocess
+from worker.training.predict import InvalidImage, prepare, preprocess
+
+
+def prepared(data: bytes) -> torch.Tensor:
+    """What preprocess gives, decoded in this process: the tests of the arithmetic need no
+    child process per image (test_the_child_decodes_as_this_process_does says they agree)."""
+    return prepare(decode(data))
 
 
 def png(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -68,7 +82,7 @@ def stroke(size: tuple[int, int], box: tuple[int, int, int, int], ink: int, pape
 
 def test_an_off_centre_digit_is_cropped_scaled_to_20_px_and_centred_by_mass() -> None:
     data = stroke((400, 300), (20, 30, 120, 250), ink=255, paper=0)
-    field = pixels(preprocess(data))
+    field = pixels(prepared(data))
     assert max(ink_box(field)) == 20
     cy, cx = centre_of_mass(field)
     assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5
@@ -77,13 +91,13 @@ def test_an_off_centre_digit_is_cropped_scaled_to_20_px_and_centred_by_mass() ->
 def test_a_tall_thin_digit_keeps_its_aspect_ratio() -> None:
     image = Image.new("L", (200, 200), 0)
     ImageDraw.Draw(image).rectangle((95, 10, 104, 189), fill=255)  # 10 x 180
-    height, width = ink_box(pixels(preprocess(png(image))))
+    height, width = ink_box(pixels(prepared(png(image))))
     assert height == 20 and width in (1, 2, 3)
 
 
 def test_dark_ink_on_paper_is_inverted_to_bright_ink_on_dark() -> None:
-    bright = preprocess(stroke((140, 140), (30, 20, 110, 120), ink=255, paper=0))
-    on_paper = preprocess(stroke((140, 140), (30, 20, 110, 120), ink=20, paper=235))
+    bright = prepared(stroke((140, 140), (30, 20, 110, 120), ink=255, paper=0))
+    on_paper = prepared(stroke((140, 140), (30, 20, 110, 120), ink=20, paper=235))
     assert pixels(on_paper)[0, 0] == pytest.approx(0, abs=1e-6)  # background is dark
     assert torch.allclose(bright, on_paper, atol=0.05)
 
@@ -91,15 +105,15 @@ def test_dark_ink_on_paper_is_inverted_to_bright_ink_on_dark() -> None:
 def test_a_drawing_on_a_transparent_canvas_uses_its_strokes() -> None:
     image = Image.new("RGBA", (140, 140), (0, 0, 0, 0))
     ImageDraw.Draw(image).line([(30, 20), (30, 120), (110, 120)], fill=(0, 0, 0, 255), width=12)
-    reference = preprocess(stroke((140, 140), (30, 20, 110, 120), ink=255, paper=0))
-    assert torch.allclose(preprocess(png(image)), reference, atol=0.05)
+    reference = prepared(stroke((140, 140), (30, 20, 110, 120), ink=255, paper=0))
+    assert torch.allclose(prepared(png(image)), reference, atol=0.05)
 
 
 def test_real_mnist_digits_come_back_as_they_were(mnist_dir: Path) -> None:
     digits = MNIST(str(mnist_dir), train=False, download=False).data[:50]
     for i, digit in enumerate(digits):
         image = Image.frombytes("L", (28, 28), digit.numpy().tobytes()).resize((140, 140))
-        got = preprocess(png(image))
+        got = prepared(png(image))
         # Bilinear upscaling blurs the edges a little; the digit keeps its place and shape.
         assert (got - normalize(digit[None])).abs().mean() < 0.2, i
         assert got.shape == (1, 1, 28, 28)
@@ -225,6 +239,8 @@ BAD_IMAGES = [
     ("json", b'{"image": "x"}', "application/json", 415, "unsupported_media_type"),
     ("too many pixels", bomb_png(5000, 5000), "image/png", 413, "image_too_large"),
     ("decompression bomb", bomb_png(30000, 30000), "image/png", 413, "image_too_large"),
+    ("progressive JPEG bomb", scan_bomb(1024, size=100_000), "image/jpeg", 413, "image_too_large"),
+    ("too many pixels as JPEG", progressive_jpeg(4100), "image/jpeg", 413, "image_too_large"),
 ]
 
 
@@ -267,3 +283,51 @@ def test_images_larger_than_the_limit_are_413(
 def test_preprocess_raises_invalid_image_for_garbage() -> None:
     with pytest.raises(InvalidImage):
         preprocess(b"\x89PNG\r\n\x1a\n garbage")
+
+
+def test_the_child_decodes_as_this_process_does() -> None:
+    for data in (DIGIT, png(Image.open(io.BytesIO(DIGIT)), "JPEG")):
+        assert torch.equal(preprocess(data), prepared(data))
+
+
+def test_a_normal_progressive_jpeg_is_accepted() -> None:
+    image = Image.open(io.BytesIO(DIGIT)).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", progressive=True)
+    assert 1 < jpeg_scans(buffer.getvalue(), 1000) <= 12
+    assert torch.allclose(preprocess(buffer.getvalue()), prepared(DIGIT), atol=0.05)
+
+
+def test_a_jpeg_with_too_many_scans_is_refused_before_it_is_decoded() -> None:
+    bomb = scan_bomb(256, scans=200)
+    assert jpeg_scans(bomb, 1000) > 100
+    with pytest.raises(ImageTooLarge, match="more than 100 scans"):
+        decode(bomb)
+
+
+def test_a_bomb_past_every_check_is_stopped_by_the_childs_cpu_limit() -> None:
+    """The scan cap lifted: the child's hard CPU limit still ends the decode, not the API."""
+    bomb = scan_bomb(4096, scans=3000)  # a few seconds of CPU to decode in full
+    # A wall limit far away: the kernel's CPU limit (SIGXCPU) is what stops this child.
+    decoder = IsolatedDecoder(DecodeLimits(max_jpeg_scans=10**6, cpu_seconds=1, wall_seconds=60))
+    assert decoder.decode(DIGIT) == decode(DIGIT)
+    with pytest.raises(ImageTooLarge, match="more than 1 s of CPU"):
+        decoder.decode(bomb)
+    assert decoder.decode(DIGIT) == decode(DIGIT)  # a fresh child took the killed one's place
+
+
+def test_a_bomb_past_every_check_is_stopped_by_the_wall_limit_too() -> None:
+    bomb = scan_bomb(4096, scans=3000)
+    decoder = IsolatedDecoder(DecodeLimits(max_jpeg_scans=10**6, cpu_seconds=60, wall_seconds=0.5))
+    with pytest.raises(ImageTooLarge, match=r"takes more than 0\.5 s"):
+        decoder.decode(bomb)
+    assert decoder.decode(DIGIT) == decode(DIGIT)
+
+
+def test_decoded_bytes_are_capped_for_every_format() -> None:
+    limits = DecodeLimits(max_decoded_bytes=100 * 100 * 4 - 1)
+    for image in (Image.new("RGB", (100, 100)), Image.new("L", (200, 200))):
+        for fmt in ("PNG", "JPEG"):
+            with pytest.raises(ImageTooLarge, match="bytes decoded"):
+                decode(png(image, fmt), limits)
+    assert decode(png(Image.new("L", (100, 100), 0)), limits).kind == "gray"

@@ -70,6 +70,7 @@ def stack_env(
         MNISTQ_BROKER_URL=broker_url,
         MNISTQ_VAR_DIR=str(var_dir),
         MNISTQ_ARTIFACT_DIR=str(var_dir / "artifacts"),
+        MNISTQ_SCRATCH_DIR=str(var_dir / "scratch"),
         MNISTQ_DATA_DIR=str(data_dir),
         MNISTQ_DOWNLOAD_MNIST="false",
         MNISTQ_LEASE_SECONDS="4",

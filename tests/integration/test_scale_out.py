@@ -200,6 +200,9 @@ def test_a_draining_worker_finishes_its_job_takes_no_other_and_exits(cluster: Cl
     assert job["lease"] is None
     assert ran_on(cluster, waiting) == cluster.registry_id(other)
     assert drained_id not in {w["id"] for w in cluster.api.get("/workers")["items"]}
+    # Both ran on one host: the drain's control message reached only the drained worker.
+    assert "Canceling queue" in draining.tail(100_000)
+    assert "Canceling queue" not in other.tail(100_000)
     other.kill()
 
 

@@ -7,105 +7,82 @@ centre of mass lies at the centre, bright ink on a dark background.
 
 from __future__ import annotations
 
-import io
 import pickle
-import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from worker.training.data import MEAN, STD
+from worker.training.image_decode import (
+    DEFAULT_LIMITS,
+    DecodeLimits,
+    DecoderUnavailable,
+    ImageTooLarge,
+    Ink,
+    InvalidImage,
+    UnsupportedImageFormat,
+    decode_isolated,
+)
 from worker.training.nets import build_model
 
 FIELD = 28  # MNIST images are 28x28
 BOX = 20  # the digit's longer side inside the field
-FORMATS = ("PNG", "JPEG")
-MAX_PIXELS = 4096 * 4096  # above this an image is refused before it is decoded
 # Pixels darker than this fraction of the brightest ink are background for the bounding box:
 # it ignores JPEG noise and faint smudges but keeps MNIST's anti-aliased edges.
 INK_THRESHOLD = 0.15
 
-
-class InvalidImage(ValueError):
-    """The bytes are not a usable PNG or JPEG image of a digit."""
-
-
-class UnsupportedImageFormat(InvalidImage):
-    """A readable image, but neither PNG nor JPEG."""
-
-
-class ImageTooLarge(InvalidImage):
-    """More pixels than ``MAX_PIXELS`` (a decompression bomb, or simply too big)."""
+__all__ = [
+    "DecodeLimits",
+    "DecoderUnavailable",
+    "ImageTooLarge",
+    "InvalidImage",
+    "ModelUnreadable",
+    "UnsupportedImageFormat",
+    "load_model",
+    "predict",
+    "prepare",
+    "preprocess",
+]
 
 
 class ModelUnreadable(Exception):
     """A model file that cannot be loaded into the network it claims to be."""
 
 
-def preprocess(image_bytes: bytes, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """A PNG or JPEG of one digit → the normalized (1, 1, 28, 28) tensor a model expects."""
-    ink = _ink(_open(image_bytes, max_pixels))  # (H, W) float32, 0 = background, 1 = ink
-    digit = _crop_to_ink(ink)
+def preprocess(image_bytes: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    """An uploaded PNG or JPEG of one digit → the (1, 1, 28, 28) tensor a model expects.
+
+    The bytes are decoded in a child process under ``limits`` (image_decode.decode_isolated).
+    """
+    return prepare(decode_isolated(image_bytes, limits))
+
+
+def prepare(ink: Ink) -> torch.Tensor:
+    """One decoded band of ink → the normalized (1, 1, 28, 28) tensor a model expects."""
+    digit = _crop_to_ink(_ink_levels(ink))  # (H, W) float32, 0 = background, 1 = ink
     field = _centre_in_field(_scale_to_box(digit))  # (28, 28) in 0..1
     return field.sub(MEAN).div(STD).reshape(1, 1, FIELD, FIELD)
 
 
-def _open(image_bytes: bytes, max_pixels: int) -> Image.Image:
-    """Decode the image, refusing other formats and oversized ones before decoding pixels."""
-    if not image_bytes:
-        raise InvalidImage("the image is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(image_bytes), formats=None)
-            if image.format not in FORMATS:
-                raise UnsupportedImageFormat(f"a {image.format} image; send PNG or JPEG")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    f"the image is {width}x{height} pixels; at most {max_pixels} pixels"
-                )
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"the image is too large to decode: {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise InvalidImage("the data is not a PNG or JPEG image") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, InvalidImage):
-            raise
-        raise InvalidImage(f"the image is damaged or truncated: {exc}") from exc
-    return image
+def _to_tensor(ink: Ink) -> torch.Tensor:
+    """The band as a (H, W) float32 tensor in 0..1."""
+    raw = torch.frombuffer(bytearray(ink.data), dtype=torch.uint8)
+    return raw.reshape(ink.height, ink.width).to(torch.float32).div(255)
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """An 8-bit single-band image as a (H, W) float32 tensor in 0..1."""
-    raw = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return raw.reshape(image.height, image.width).to(torch.float32).div(255)
-
-
-def _ink(image: Image.Image) -> torch.Tensor:
+def _ink_levels(ink: Ink) -> torch.Tensor:
     """How much ink each pixel holds, 0..1: bright on dark whatever the image's polarity."""
-    image = ImageOps.exif_transpose(image)  # a phone photo's rotation lives in EXIF
-    if _has_transparency(image):
-        # A drawing on a transparent canvas: the strokes are where it is opaque.
-        return _to_tensor(image.convert("RGBA").getchannel("A"))
-    gray = _to_tensor(image.convert("L"))
+    if ink.kind == "alpha":  # a drawing on a transparent canvas: the strokes are opaque
+        return _to_tensor(ink)
+    gray = _to_tensor(ink)
     background = _border_level(gray)
     if background > 0.5:  # dark ink on a light background (paper): invert to MNIST's polarity
         gray, background = 1.0 - gray, 1.0 - background
-    ink = (gray - background).clamp_(min=0)
-    peak = float(ink.max())
-    return ink / peak if peak > 0 else ink
-
-
-def _has_transparency(image: Image.Image) -> bool:
-    """True if the image has an alpha channel (or transparent palette entry) that varies."""
-    if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
-        return False
-    low, high = image.convert("RGBA").getchannel("A").getextrema()
-    return bool(low != high)
+    ink_levels = (gray - background).clamp_(min=0)
+    peak = float(ink_levels.max())
+    return ink_levels / peak if peak > 0 else ink_levels
 
 
 def _border_level(gray: torch.Tensor) -> float:
