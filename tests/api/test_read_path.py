@@ -13,8 +13,8 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db import ENGINE_KEY
-from shared.artifacts import ArtifactStore
 from shared.models import JobStatus, Worker, utcnow
+from shared.store import LocalStore
 from tests.api.conftest import add_artifact, insert_job, insert_metrics
 
 JOBS = "/api/v1/jobs"
@@ -57,7 +57,7 @@ def statements(app: Flask) -> Iterator[Statements]:
     recorder.close()
 
 
-def _finished_job(sessions: sessionmaker[Session], store: ArtifactStore) -> str:
+def _finished_job(sessions: sessionmaker[Session], store: LocalStore) -> str:
     job_id = insert_job(sessions, status=JobStatus.SUCCEEDED)
     for name in NAMES:
         add_artifact(sessions, store, job_id, name, b"x")
@@ -85,7 +85,7 @@ def _queued_jobs(sessions: sessionmaker[Session], n: int) -> None:
 
 
 def test_a_finished_job_costs_three_queries_and_no_token_lookup(
-    client: FlaskClient, sessions: sessionmaker[Session], store: ArtifactStore,
+    client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore,
     statements: Statements,
 ) -> None:  # fmt: skip
     job_id = _finished_job(sessions, store)
@@ -106,7 +106,7 @@ def test_a_queued_job_adds_only_its_position_and_the_live_workers(
 
 @pytest.mark.parametrize("jobs", [2, 20])
 def test_the_job_list_costs_the_same_queries_for_any_page_size(
-    client: FlaskClient, sessions: sessionmaker[Session], store: ArtifactStore,
+    client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore,
     statements: Statements, jobs: int,
 ) -> None:  # fmt: skip
     for _ in range(jobs):
@@ -119,7 +119,7 @@ def test_the_job_list_costs_the_same_queries_for_any_page_size(
 
 
 def test_a_get_sends_no_transaction(
-    client: FlaskClient, sessions: sessionmaker[Session], store: ArtifactStore,
+    client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore,
     statements: Statements,
 ) -> None:  # fmt: skip
     job_id = _finished_job(sessions, store)
@@ -129,7 +129,7 @@ def test_a_get_sends_no_transaction(
 
 @pytest.mark.parametrize("path", ["{jobs}/{id}", "{jobs}", "{jobs}/{id}/metrics"])
 def test_a_conditional_get_of_an_unchanged_answer_is_304(
-    client: FlaskClient, sessions: sessionmaker[Session], store: ArtifactStore, path: str
+    client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore, path: str
 ) -> None:
     job_id = _finished_job(sessions, store)
     url = path.format(jobs=JOBS, id=job_id)
