@@ -10,12 +10,14 @@ from flask import Flask, current_app, g, request
 from api import dashboard_session
 from api.db import get_session
 from api.errors import ApiError
-from shared.auth import authenticate
+from api.extensions import KEY as SERVICES_KEY
+from shared.auth import TokenCache
 from shared.models import ApiToken, User
 
 F = TypeVar("F", bound=Callable[..., Any])
 REALM = 'Bearer realm="mnistq"'
 MAX_HEADER_LENGTH = 512
+TOKENS_KEY = "mnistq.tokens"
 
 
 def public(view: F) -> F:
@@ -44,6 +46,8 @@ def is_public(view: Callable[..., Any]) -> bool:
 
 def init_app(app: Flask) -> None:
     """Check the token of every request to a non-public route before the view runs."""
+    ttl = app.extensions[SERVICES_KEY].settings.token_cache_seconds
+    app.extensions[TOKENS_KEY] = TokenCache(ttl)
     app.before_request(require_token)
 
 
@@ -61,12 +65,17 @@ def require_token() -> None:
 
 def authenticate_request() -> User:
     """The caller's live token and user, put into ``g``; 401 if there is none."""
-    token = _session_token() or authenticate(get_session(), _bearer_secret())
+    token = _session_token() or _tokens().authenticate(get_session(), _bearer_secret())
     if token is None:
         raise _unauthorized("invalid_token", "the token is unknown or revoked")
     g.api_token = token
     g.user = token.user
     return token.user
+
+
+def _tokens() -> TokenCache:
+    cache: TokenCache = current_app.extensions[TOKENS_KEY]
+    return cache
 
 
 def _session_token() -> ApiToken | None:

@@ -41,7 +41,7 @@ details summary{cursor:pointer}
 {% endfor %}</p>{% endif %}
 <table><tr><th>status</th><th>meaning</th><th>body</th></tr>
 {% for code, r in op.responses.items() %}<tr><td>{{ code }}</td><td>{{ r.description }}</td>
-<td>{% for media, c in r.content.items() %}<code>{{ media }}</code>
+<td>{% for media, c in (r.content or {}).items() %}<code>{{ media }}</code>
 {{ schema_name(c.schema) }} {% endfor %}</td></tr>{% endfor %}</table>
 </section>{% endfor %}{% endfor %}
 <h2>Schemas</h2>

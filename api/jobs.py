@@ -9,6 +9,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.orm import Session
 
 from api.auth import current_user, owner_scope
+from api.conditional import IF_NONE_MATCH, NOT_MODIFIED, conditional_json
 from api.db import get_session
 from api.extensions import services
 from api.inputs import IDEMPOTENCY_HEADER, idempotency_key, json_body, query_args
@@ -26,7 +27,16 @@ from shared.jobs import (
     set_priority,
 )
 from shared.models import Job
-from shared.schemas import JobCreate, JobOut, JobPageOut, JobPatch, ListJobsQuery, MetricsOut
+from shared.schemas import (
+    MAX_METRIC_PAGE,
+    JobCreate,
+    JobOut,
+    JobPageOut,
+    JobPatch,
+    ListJobsQuery,
+    MetricsOut,
+    MetricsQuery,
+)
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
@@ -81,7 +91,8 @@ def create() -> ResponseReturnValue:
 @operation(
     summary="List jobs, newest first",
     query=ListJobsQuery,
-    responses={200: JobPageOut},
+    headers=IF_NONE_MATCH,
+    responses={200: JobPageOut, 304: NOT_MODIFIED},
     errors=(422, 503),
 )
 def index() -> ResponseReturnValue:
@@ -95,15 +106,20 @@ def index() -> ResponseReturnValue:
         cursor=query.cursor,
         owner_id=owner_scope(),
     )
-    return {"items": jobs_json(session, jobs), "next_cursor": cursor}
+    return conditional_json({"items": jobs_json(session, jobs), "next_cursor": cursor})
 
 
 @bp.get("/<job_id>")
-@operation(summary="Show a job", responses={200: JobOut}, errors=(404, 503))
+@operation(
+    summary="Show a job",
+    headers=IF_NONE_MATCH,
+    responses={200: JobOut, 304: NOT_MODIFIED},
+    errors=(404, 503),
+)
 def get(job_id: str) -> ResponseReturnValue:
     """Status, progress, results, artifacts and links of one job."""
     session = get_session()
-    return job_json(session, get_job(session, job_id, owner_id=owner_scope()))
+    return conditional_json(job_json(session, get_job(session, job_id, owner_id=owner_scope())))
 
 
 @bp.patch("/<job_id>")
@@ -129,13 +145,26 @@ def cancel(job_id: str) -> ResponseReturnValue:
 
 
 @bp.get("/<job_id>/metrics")
-@operation(summary="Metric series of a job", responses={200: MetricsOut}, errors=(404, 503))
+@operation(
+    summary="Metric series of a job",
+    query=MetricsQuery,
+    headers=IF_NONE_MATCH,
+    responses={200: MetricsOut, 304: NOT_MODIFIED},
+    errors=(404, 422, 503),
+)
 def metrics(job_id: str) -> ResponseReturnValue:
-    """The train-loss series and the per-epoch test series."""
+    """The train-loss series, a page at a time or thinned, and the per-epoch test series."""
+    query = query_args(MetricsQuery)
     session = get_session()
     job = get_job(session, job_id, owner_id=owner_scope())
-    train, test = metric_series(session, job.id)
+    series = metric_series(
+        session, job.id, after_step=query.after_step, limit=query.limit or MAX_METRIC_PAGE,
+        max_points=query.max_points,
+    )  # fmt: skip
     out = MetricsOut(
-        job_id=job.id, train=[metric_out(m) for m in train], test=[metric_out(m) for m in test]
+        job_id=job.id,
+        train=[metric_out(m) for m in series.train],
+        test=[metric_out(m) for m in series.test],
+        next_after_step=series.next_after_step,
     )
-    return dump(out)
+    return conditional_json(dump(out))

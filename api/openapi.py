@@ -33,6 +33,7 @@ ERROR_TEXT = {
     429: "too many submissions for this token, or too many queued jobs; see Retry-After",
     503: "database or broker unavailable",
 }
+SUCCESS_TEXT = {304: "not modified: the If-None-Match tag still holds; no body"}
 
 
 DESCRIPTION = (
@@ -53,6 +54,7 @@ PATH_PARAMETERS: dict[str, dict[str, Any]] = {
 }
 RESPONSE_HEADERS = {
     201: ("Location", "the URL of the new job or sweep"),
+    304: ("ETag", "the tag that still holds"),
     401: ("WWW-Authenticate", 'Bearer realm="mnistq", with error="invalid_token" for bad tokens'),
     429: ("Retry-After", "seconds until a submission may succeed"),
 }
@@ -160,7 +162,9 @@ def _response(
     answer: type[BaseModel] | tuple[str, ...], refs: Mapping[Any, Any], text: str, code: int
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"description": text}
-    if isinstance(answer, tuple):
+    if answer == ():
+        pass  # no body (304)
+    elif isinstance(answer, tuple):
         binary = {"schema": {"type": "string", "format": "binary"}}
         out["content"] = {media: binary for media in answer}
     else:
@@ -195,8 +199,15 @@ def _operation_object(route: Route, refs: Mapping[Any, Any]) -> dict[str, Any]:
         content = {media: {"schema": dict(schema)} for media, schema in op.body.items()}
         out["requestBody"] = {"required": True, "content": content}
     responses = {
-        str(code): _response(ans, refs, "success", code) for code, ans in op.responses.items()
+        str(code): _response(ans, refs, SUCCESS_TEXT.get(code, "success"), code)
+        for code, ans in op.responses.items()
     }
+    if "304" in responses:
+        tag = {
+            "description": "a tag of this answer, for If-None-Match",
+            "schema": {"type": "string"},
+        }
+        responses["200"].setdefault("headers", {})["ETag"] = tag
     for code in _error_codes(route):
         text = ERROR_TEXT.get(code, "unexpected error")
         responses[str(code)] = _response(ErrorOut, refs, text, code)

@@ -1,16 +1,16 @@
 """What the job service costs on top of training, measured against real Redis and PostgreSQL.
 
 Prints, from one run:
-  1. submit→running latency with an idle worker (p50, p95), Redis broker;
-  2. the wall time of a 1-epoch job through the system against `mnistq train` for the same
-     job, and their ratio;
+  1. submit→running latency with an idle, warmed-up worker (p50, p95), Redis broker;
+  2. the wall time of a 1-epoch job through the system (submit → succeeded, idle warm worker)
+     against `mnistq train` for the same job, in alternating pairs, and the median ratio;
   3. GET /api/v1/jobs/<id> throughput and latency against `mnistq api` with N jobs in
-     PostgreSQL (wrk when installed: apt-get install wrk).
+     PostgreSQL (wrk: apt-get install wrk), and a conditional GET answered 304.
 
 Needs Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (scripts/services) and
 MNIST in MNISTQ_DATA_DIR.
 
-    python bench/service_overhead.py [--samples 20] [--jobs 10000] [--seconds 10]
+    python bench/service_overhead.py [--samples 20] [--pairs 3] [--jobs 100000] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import requests
-from sqlalchemy import create_engine, insert, text
+from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -87,7 +88,7 @@ def wait_healthy(base: str, timeout: float = 60) -> None:
         try:
             if HTTP.get(f"{base}/api/v1/health", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not up yet, or slow to answer its first request
             pass
         time.sleep(0.2)
     raise RuntimeError(f"API at {base} did not become healthy")
@@ -116,25 +117,44 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def measure_latency(base: str, samples: int) -> list[float]:
-    """Submit, see it running, cancel it, wait for the worker to be idle again."""
+def warm_children(log: Path) -> int:
+    """Pool children of the worker that have logged their warm-up so far."""
+    return log.read_text(errors="replace").count("warmed up in") if log.exists() else 0
+
+
+def wait_warm(log: Path, count: int, timeout: float = 300) -> None:
+    """Block until ``count`` pool children have warmed up: the worker is idle and warm."""
+    deadline = time.monotonic() + timeout
+    while warm_children(log) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the worker's pool child never warmed up; see {log}")
+        time.sleep(0.05)
+
+
+def measure_latency(base: str, samples: int, log: Path) -> list[float]:
+    """Submit, see it running, cancel it, wait for the worker's next child to be warm."""
     latencies = []
     for _ in range(samples):
+        warmed = warm_children(log)
         t0 = time.perf_counter()
         job_id = submit(base, {"n_epochs": 1})
         poll_until(base, job_id, {"running", "succeeded", "failed"}, interval=0.005)
         latencies.append(time.perf_counter() - t0)
         HTTP.post(f"{base}/api/v1/jobs/{job_id}/cancel", timeout=10)
         poll_until(base, job_id, {"cancelled", "succeeded", "failed"}, interval=0.05)
-        time.sleep(1.0)  # let the next worker child come up: "idle worker"
+        wait_warm(log, warmed + 1)  # the child that replaced it: "idle warm worker"
     return latencies
 
 
-def measure_job_wall(base: str, env: dict[str, str], hp: dict[str, Any]) -> tuple[float, float]:
+def measure_job_wall(
+    base: str, env: dict[str, str], hp: dict[str, Any], log: Path
+) -> tuple[float, float]:
     """(seconds through the system, seconds for `mnistq train`) for the same 1-epoch job."""
+    warmed = warm_children(log)
     t0 = time.perf_counter()
     job = poll_until(base, submit(base, hp), {"succeeded", "failed", "cancelled"}, 0.05)
     system = time.perf_counter() - t0
+    wait_warm(log, warmed + 1)  # its replacement warms up while `mnistq train` runs
     assert job["status"] == "succeeded", job
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in hp.items()]
     with tempfile.TemporaryDirectory() as out:
@@ -151,45 +171,29 @@ def measure_job_wall(base: str, env: dict[str, str], hp: dict[str, Any]) -> tupl
 
 
 def seed_jobs(database_url: str, count: int) -> list[str]:
-    """Insert ``count`` finished jobs in one statement batch; return their ids."""
-    from shared.models import Job, Metric
+    """COPY ``count`` finished jobs (with a test metric and an artifact each); their ids."""
+    import psycopg
 
-    engine = create_engine(database_url)
     ids = [uuid.uuid4().hex for _ in range(count)]
-    hp = {"n_epochs": 1}
-    with engine.begin() as conn:
-        conn.execute(
-            insert(Job),
-            [
-                {
-                    "id": i,
-                    "status": "succeeded",
-                    "hyperparameters": hp,
-                    "n_epochs": 1,
-                    "epoch": 1,
-                    "test_loss": 0.1,
-                    "test_accuracy": 0.97,
-                }
-                for i in ids
-            ],
-        )
-        conn.execute(
-            insert(Metric),
-            [
-                {
-                    "job_id": i,
-                    "kind": "test",
-                    "epoch": 1,
-                    "step": 938,
-                    "samples_seen": 60000,
-                    "loss": 0.1,
-                    "accuracy": 0.97,
-                    "seconds": 5.0,
-                }
-                for i in ids
-            ],
-        )
-    engine.dispose()
+    now = datetime.now(UTC)
+    hp = json.dumps({"n_epochs": 1})
+    job_cols = ("id, status, hyperparameters, device_requested, queue, priority, attempt, "
+                "cancel_requested, epoch, n_epochs, step, steps_per_epoch, samples_seen, "
+                "total_samples, test_loss, test_accuracy, created_at, finished_at")  # fmt: skip
+    with psycopg.connect(database_url.replace("+psycopg", "")) as conn, conn.cursor() as cur:
+        with cur.copy(f"COPY job ({job_cols}) FROM STDIN") as copy:
+            for i in ids:
+                copy.write_row((i, "succeeded", hp, "auto", "cpu", 0, 1, False, 1, 1, 938, 938,
+                                60000, 60000, 0.1, 0.97, now, now))  # fmt: skip
+        metric_cols = "job_id, kind, epoch, step, samples_seen, loss, accuracy, seconds"
+        with cur.copy(f"COPY metric ({metric_cols}) FROM STDIN") as copy:
+            for i in ids:
+                copy.write_row((i, "test", 1, 938, 60000, 0.1, 0.97, 5.0))
+        artifact_cols = "job_id, name, kind, size, sha256, created_at"
+        with cur.copy(f"COPY artifact ({artifact_cols}) FROM STDIN") as copy:
+            for i in ids:
+                copy.write_row((i, "model.pth", "model", 1000, "0" * 64, now))
+        cur.execute("ANALYZE")
     return ids
 
 
@@ -240,7 +244,8 @@ def wrk_ms(out: str, label: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=20)
-    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--pairs", type=int, default=3, help="system/`mnistq train` pairs")
+    parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--api-workers", type=int, default=2)
     args = parser.parse_args()
@@ -260,7 +265,7 @@ def main() -> None:
                        env, work / "worker.log")  # fmt: skip
         try:
             wait_healthy(base)
-            report(base, env, database_url, args)
+            report(base, env, database_url, args, work / "worker.log")
         finally:
             stop(worker)
             stop(api)
@@ -287,38 +292,57 @@ def admin_token(env: dict[str, str]) -> str:
     return out.strip().splitlines()[-1]
 
 
-def report(base: str, env: dict[str, str], database_url: str, args: argparse.Namespace) -> None:
-    time.sleep(3)  # the worker's first child: up and idle
-    lat = measure_latency(base, args.samples)
+def report(
+    base: str, env: dict[str, str], database_url: str, args: argparse.Namespace, log: Path
+) -> None:
+    wait_warm(log, 1)  # the worker's first child: up, warm and idle
+    lat = measure_latency(base, args.samples, log)
     print(
-        f"submit→running, idle worker, Redis ({len(lat)} jobs): "
+        f"submit→running, idle warm worker, Redis ({len(lat)} jobs): "
         f"p50 {1000 * statistics.median(lat):.0f} ms, p95 {1000 * percentile(lat, 0.95):.0f} ms"
     )
-
-    system, local = measure_job_wall(base, env, {"n_epochs": 1})
-    print(
-        f"1-epoch job wall time: through the system {system:.2f} s, "
-        f"`mnistq train` {local:.2f} s, ratio {system / local:.3f}"
-    )
+    ratios = []
+    for pair in range(1, args.pairs + 1):
+        system, local = measure_job_wall(base, env, {"n_epochs": 1}, log)
+        ratios.append(system / local)
+        print(f"1-epoch job, pair {pair}: through the system {system:.2f} s, "
+              f"`mnistq train` {local:.2f} s, ratio {system / local:.3f}", flush=True)  # fmt: skip
+    print(f"1-epoch job wall time ratio, median of {len(ratios)} pairs: "
+          f"{statistics.median(ratios):.3f}")  # fmt: skip
 
     ids = seed_jobs(database_url, args.jobs)
     tput = measure_throughput(base, ids, args.seconds)
     print(
-        f"GET /api/v1/jobs/<id> with {args.jobs} jobs in PostgreSQL, "
-        f"{args.api_workers} gunicorn workers: {tput['rps']:.0f} requests/s, "
-        f"p50 {tput['p50_ms']:.1f} ms, p99 {tput['p99_ms']:.1f} ms, "
-        f"non-2xx {int(tput['errors'])}"
+        f"GET /api/v1/jobs/<id> with {args.jobs} jobs in PostgreSQL, {args.api_workers} "
+        f"gunicorn workers ({api_worker_class(base)}): {tput['rps']:.0f} requests/s, "
+        f"p50 {tput['p50_ms']:.1f} ms, p99 {tput['p99_ms']:.1f} ms, non-2xx {int(tput['errors'])}"
     )
+    first = HTTP.get(f"{base}/api/v1/jobs/{ids[0]}", timeout=10)
+    tag = {"If-None-Match": first.headers["ETag"]}
+    again = HTTP.get(f"{base}/api/v1/jobs/{ids[0]}", headers=tag, timeout=10)
+    print(f"conditional GET with the ETag of the last answer: {again.status_code}, "
+          f"{len(again.content)} bytes (full answer {len(first.content)} bytes)")  # fmt: skip
     print(
         json.dumps(
             {
                 "latency_p50_s": statistics.median(lat),
                 "latency_p95_s": percentile(lat, 0.95),
-                "wall_ratio": system / local,
+                "wall_ratio": statistics.median(ratios),
+                "wall_ratios": ratios,
+                "conditional_status": again.status_code,
                 **tput,
             }
         )
     )
+
+
+def api_worker_class(base: str) -> str:
+    """The gunicorn worker class `mnistq api` runs (from its command line)."""
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    port = base.rsplit(":", 1)[1]
+    line = next((x for x in out.splitlines() if "gunicorn" in x and f":{port}" in x), "")
+    found = re.search(r"(?:-k|--worker-class)[ =](\S+)", line)
+    return f"worker class {found.group(1)}" if found else "worker class sync (default)"
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Seconds per training epoch: the seed recipe as written against the engine, alternately.
 
     .venv/bin/python bench/train_speed.py [--epochs N | --quick] [--threads N] [--data-dir DIR]
+                                          [--no-concurrency] [--no-fast-cnn]
 
 Both sides train the same net (the tutorial's), with the same hyperparameters (batch 64,
-SGD lr 0.01 momentum 0.5, log every 10 batches) and the same thread count. Then it measures
-jobs per hour for two concurrent single-thread jobs (two processes) against one two-thread job.
+SGD lr 0.01 momentum 0.5, log every 10 batches) and the same thread count, each round in a
+fresh process of its own: the seed as its script runs, the engine set up as a worker child
+sets itself up (``configure_threads``). Then it measures jobs per hour for two concurrent
+single-thread jobs (two processes) against one two-thread job, and the wall seconds
+``fast_cnn`` with its recommended settings takes to reach 99 % test accuracy.
 """
 
 from __future__ import annotations
@@ -24,18 +28,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from shared.config import usable_cores
 from shared.schemas import Hyperparameters
 from worker.training.data import load_split
 from worker.training.devices import configure_threads
-from worker.training.loop import evaluate, make_optimizer, train_epoch
-from worker.training.nets import Net
+from worker.training.loop import Hooks, MetricPoint, evaluate, fit, make_optimizer, train_epoch
+from worker.training.nets import FAST_CNN_SETTINGS, Net
 
 HP = Hyperparameters(device="cpu")  # the seed's defaults
 QUICK_BATCHES = 300
 SEED_EPOCHS_PER_JOB = 3
 
 
-def seed_epoch(data_dir: Path, results: Path, max_batches: int | None) -> float:
+def seed_epoch(data_dir: Path, results: Path, max_batches: int | None) -> tuple[float, float]:
     """One epoch of the tutorial's train(): DataLoader, ToTensor/Normalize, saves as it logs."""
     train_loader = DataLoader(
         datasets.MNIST(str(data_dir), train=True, download=False,
@@ -46,7 +51,7 @@ def seed_epoch(data_dir: Path, results: Path, max_batches: int | None) -> float:
     torch.manual_seed(HP.random_seed)
     network = Net()
     optimizer = torch.optim.SGD(network.parameters(), lr=HP.learning_rate, momentum=HP.momentum)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     network.train()
     for batch_idx, (data, target) in enumerate(train_loader):
         if max_batches is not None and batch_idx >= max_batches:
@@ -60,33 +65,70 @@ def seed_epoch(data_dir: Path, results: Path, max_batches: int | None) -> float:
             loss.item()
             torch.save(network.state_dict(), results / "model.pth")
             torch.save(optimizer.state_dict(), results / "optimizer.pth")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def engine_epoch(data_dir: Path, max_batches: int | None) -> float:
+def engine_epoch(data_dir: Path, max_batches: int | None) -> tuple[float, float]:
     """One epoch through the engine's ``train_epoch``, set up as ``fit`` sets it up."""
     train = load_split(data_dir, train=True, download=False)
     torch.manual_seed(HP.random_seed)
     model = Net().to(memory_format=torch.channels_last)
     optimizer = make_optimizer(HP, model)
     generator = torch.Generator().manual_seed(HP.random_seed)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     train_epoch(model, optimizer, train, epoch=1, batch_size=HP.batch_size_train,
                 log_interval=HP.log_interval, generator=generator,
                 max_batches=max_batches)  # fmt: skip
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def compare(data_dir: Path, epochs: int, max_batches: int | None) -> tuple[float, float]:
+def side(name: str, data_dir: Path, threads: int, max_batches: int | None) -> None:
+    """A round's process: one epoch of the seed (``name`` "seed") or of the engine; prints s."""
+    if name == "engine":
+        configure_threads(threads)  # what a worker child does before its job
+        load_split(data_dir, train=True, download=False)  # the worker's one-off load, not timed
+        seconds, cpu = engine_epoch(data_dir, max_batches)
+    else:
+        torch.set_num_threads(threads)  # the seed script's process, glibc's allocator defaults
+        with tempfile.TemporaryDirectory() as results:
+            seconds, cpu = seed_epoch(data_dir, Path(results), max_batches)
+    print(json.dumps({"seconds": seconds, "cpu": cpu}), flush=True)
+
+
+def _child_cmd(data_dir: Path, threads: int, quick: bool, *flags: str) -> list[str]:
+    return [sys.executable, __file__, "--threads", str(threads), "--data-dir", str(data_dir),
+            *(["--quick"] if quick else []), *flags]  # fmt: skip
+
+
+def run_side(
+    name: str, data_dir: Path, threads: int, max_batches: int | None
+) -> tuple[float, float]:
+    """(wall, CPU) seconds of one epoch of ``name`` in a fresh process."""
+    cmd = _child_cmd(data_dir, threads, max_batches is not None, "--side", name)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    found = json.loads(out.strip().splitlines()[-1])
+    return float(found["seconds"]), float(found["cpu"])
+
+
+def compare(
+    data_dir: Path, epochs: int, threads: int, max_batches: int | None
+) -> tuple[float, float]:
     """Alternate seed and engine epochs; print each; return the two medians."""
-    load_split(data_dir, train=True, download=False)  # the engine's one-off load, not timed
-    seed_times, engine_times = [], []
-    with tempfile.TemporaryDirectory() as results:
-        for i in range(1, epochs + 1):
-            seed_times.append(seed_epoch(data_dir, Path(results), max_batches))
-            engine_times.append(engine_epoch(data_dir, max_batches))
-            print(f"round {i}: seed {seed_times[-1]:6.2f} s   engine {engine_times[-1]:6.2f} s   "
-                  f"ratio {engine_times[-1] / seed_times[-1]:.3f}", flush=True)  # fmt: skip
+    seed_times: list[float] = []
+    engine_times: list[float] = []
+    cpu_ratios: list[float] = []
+    for i in range(1, epochs + 1):
+        seed, seed_cpu = run_side("seed", data_dir, threads, max_batches)
+        engine, engine_cpu = run_side("engine", data_dir, threads, max_batches)
+        seed_times.append(seed)
+        engine_times.append(engine)
+        cpu_ratios.append(engine_cpu / seed_cpu)
+        # CPU seconds (of the whole process, every thread) are less disturbed by other
+        # processes on a busy machine than wall seconds, at one thread at least.
+        print(f"round {i}: seed {seed:6.2f} s   engine {engine:6.2f} s   ratio "
+              f"{engine / seed:.3f}   (CPU s: seed {seed_cpu:.2f}, engine {engine_cpu:.2f}, "
+              f"ratio {cpu_ratios[-1]:.3f})", flush=True)  # fmt: skip
+    print(f"median CPU-seconds ratio: {statistics.median(cpu_ratios):.3f}")
     # The fastest round is the one least disturbed by other processes on the machine.
     print(f"fastest round: seed {min(seed_times):.2f} s, engine {min(engine_times):.2f} s, "
           f"ratio {min(engine_times) / min(seed_times):.3f}")  # fmt: skip
@@ -100,7 +142,7 @@ def child(data_dir: Path, threads: int, max_batches: int | None) -> None:
     engine_epoch(data_dir, 20)  # warm up allocator and kernels
     print("ready", flush=True)
     sys.stdin.readline()
-    train_seconds = engine_epoch(data_dir, max_batches)
+    train_seconds, _ = engine_epoch(data_dir, max_batches)
     test = load_split(data_dir, train=False, download=False)
     start = time.perf_counter()
     evaluate(Net().to(memory_format=torch.channels_last), test, batch_size=HP.batch_size_test)
@@ -109,8 +151,7 @@ def child(data_dir: Path, threads: int, max_batches: int | None) -> None:
 
 def jobs_per_hour(data_dir: Path, processes: int, threads: int, max_batches: int | None) -> float:
     """Seed-default jobs (3 epochs) per hour for ``processes`` concurrent jobs of ``threads``."""
-    cmd = [sys.executable, __file__, "--child", "--threads", str(threads),
-           "--data-dir", str(data_dir)] + (["--quick"] if max_batches else [])  # fmt: skip
+    cmd = _child_cmd(data_dir, threads, max_batches is not None, "--child")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               env=env) for _ in range(processes)]  # fmt: skip
@@ -127,6 +168,30 @@ def jobs_per_hour(data_dir: Path, processes: int, threads: int, max_batches: int
     return processes * 3600 / per_job
 
 
+def fast_cnn_to_99(data_dir: Path, threads: int) -> dict[str, float | int | None]:
+    """fit() of fast_cnn with its settings: wall seconds (and epochs) to >= 99 % test accuracy."""
+    configure_threads(threads)
+    train = load_split(data_dir, train=True, download=False)
+    test = load_split(data_dir, train=False, download=False)
+    hp = Hyperparameters.model_validate({**FAST_CNN_SETTINGS, "n_epochs": 2, "device": "cpu"})
+    reached: list[MetricPoint] = []
+
+    def on_metrics(points: list[MetricPoint]) -> None:
+        reached.extend(p for p in points if p.kind == "test" and (p.accuracy or 0) >= 0.99)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        result = fit(hp, train, test, Path(out), device=torch.device("cpu"),
+                     hooks=Hooks(on_metrics=on_metrics))  # fmt: skip
+    first = reached[0] if reached else None
+    return {
+        "seconds_to_99": first.seconds if first else None,
+        "epoch": first.epoch if first else None,
+        "accuracy": result.test_accuracy,
+        "fit_seconds": time.perf_counter() - start,
+    }
+
+
 def main() -> None:
     """Parse flags and run the comparisons."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -137,15 +202,21 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path,
                         default=Path(os.environ.get("MNISTQ_DATA_DIR", "var/data")))  # fmt: skip
     parser.add_argument("--no-concurrency", action="store_true", help="skip the jobs/hour part")
+    parser.add_argument("--no-fast-cnn", action="store_true", help="skip fast_cnn's time to 99%%")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=("seed", "engine", "fast_cnn"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     max_batches = QUICK_BATCHES if args.quick else None
+    threads = args.threads or usable_cores()
     if args.child:
-        return child(args.data_dir, args.threads, max_batches)
-    threads = configure_threads(args.threads)
+        return child(args.data_dir, threads, max_batches)
+    if args.side == "fast_cnn":
+        return print(json.dumps(fast_cnn_to_99(args.data_dir, threads)), flush=True)
+    if args.side:
+        return side(args.side, args.data_dir, threads, max_batches)
     epochs = 1 if args.quick else args.epochs
     print(f"threads {threads}, {f'{max_batches} batches' if max_batches else 'full epochs'}")
-    seed, engine = compare(args.data_dir, epochs, max_batches)
+    seed, engine = compare(args.data_dir, epochs, threads, max_batches)
     print(f"median train s/epoch: seed {seed:.2f}, engine {engine:.2f}, ratio {engine / seed:.3f}")
     if not args.no_concurrency:
         two = jobs_per_hour(args.data_dir, 2, 1, max_batches)
@@ -153,6 +224,14 @@ def main() -> None:
         print(
             f"jobs/hour (seed defaults, 3 epochs): 2 x 1-thread {two:.0f}, 1 x 2-thread {one:.0f}"
         )
+    if not args.no_fast_cnn:
+        cmd = _child_cmd(args.data_dir, threads, False, "--side", "fast_cnn")
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        fast = json.loads(out.strip().splitlines()[-1])
+        print(f"fast_cnn ({threads} threads, its settings, 2 epochs): "
+              f"{fast['seconds_to_99'] or float('nan'):.2f} s to >= 99 % "
+              f"(epoch {fast['epoch']}), final accuracy {fast['accuracy']:.2%}, "
+              f"whole fit {fast['fit_seconds']:.2f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

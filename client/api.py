@@ -329,9 +329,20 @@ class Client:
             if not page.lines:
                 time.sleep(poll)
 
-    def metrics(self, job_id: str) -> MetricsOut:
-        """The train-loss series and the per-epoch test series."""
-        return self._json(MetricsOut, "GET", f"/jobs/{job_id}/metrics")
+    def metrics(self, job_id: str, *, max_points: int | None = None) -> MetricsOut:
+        """The whole train-loss series (every page of it, or thinned to about ``max_points``)
+        and the per-epoch test series."""
+        path = f"/jobs/{job_id}/metrics"
+        if max_points is not None:
+            return self._json(MetricsOut, "GET", path, params={"max_points": max_points})
+        first = page = self._json(MetricsOut, "GET", path)
+        train = list(first.train)
+        while page.next_after_step is not None:
+            params = {"after_step": page.next_after_step}
+            page = self._json(MetricsOut, "GET", path, params=params)
+            train += page.train
+        # The first page holds every test point; later pages repeat the ones after them.
+        return first.model_copy(update={"train": train, "next_after_step": None})
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued job, or ask a running one to stop; Conflict for a finished one."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from shared.models import ApiToken, User, utcnow
 from shared.sessions import end_sessions_of
@@ -120,11 +121,71 @@ def authenticate(session: Session, secret: str) -> ApiToken | None:
     # comparison never touches a secret and its timing says nothing about one.
     if not TOKEN_PATTERN.fullmatch(secret):
         return None
-    stmt = select(ApiToken).where(ApiToken.token_hash == hash_token(secret))
+    return _live_token(session, hash_token(secret))
+
+
+def _live_token(session: Session, token_hash: str) -> ApiToken | None:
+    stmt = select(ApiToken).where(ApiToken.token_hash == token_hash)
     token = session.scalars(stmt).one_or_none()
     if token is None or token.revoked_at is not None:
         return None
     return token
+
+
+@dataclass(frozen=True)
+class _Cached:
+    token: ApiToken  # detached, its user loaded
+    expires: float  # time.monotonic()
+
+
+class TokenCache:
+    """Live tokens this process saw in the last ``ttl`` seconds, so most requests skip SQL.
+
+    A revoked token keeps working at most ``ttl`` seconds in each process that saw it (the
+    next look-up after that reads the row again); unknown and revoked tokens are never
+    cached, so a new token works at once. ``ttl`` 0 looks every token up.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, _Cached] = {}
+
+    def authenticate(self, session: Session, secret: str) -> ApiToken | None:
+        """``authenticate`` through the cache: the token in ``session``, or None."""
+        if not TOKEN_PATTERN.fullmatch(secret):
+            return None
+        digest = hash_token(secret)
+        now = time.monotonic()
+        cached = self._entries.get(digest)
+        if cached is not None and cached.expires > now:
+            # A copy in this request's session, built from the cached state without a query.
+            return session.merge(cached.token, load=False)
+        token = _live_token(session, digest)
+        if token is None:
+            self._entries.pop(digest, None)
+        elif self.ttl > 0:
+            self._remember(digest, token, now)
+        return token
+
+    def _remember(self, digest: str, token: ApiToken, now: float) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()  # a crude bound: it only costs look-ups
+        self._entries[digest] = _Cached(_detached_copy(token), now + self.ttl)
+
+
+def _detached_copy(token: ApiToken) -> ApiToken:
+    """A copy of a token and its user that no session holds, for any later session to merge."""
+    user = token.user
+    user_copy = User(id=user.id, name=user.name, is_admin=user.is_admin,
+                     created_at=user.created_at)  # fmt: skip
+    copy = ApiToken(id=token.id, public_id=token.public_id, user_id=token.user_id,
+                    token_hash=token.token_hash, created_at=token.created_at,
+                    revoked_at=token.revoked_at, user=user_copy)  # fmt: skip
+    # Detached with every attribute marked as loaded and unchanged, so merge(load=False) works.
+    make_transient_to_detached(user_copy)
+    make_transient_to_detached(copy)
+    return copy
 
 
 def has_users(session: Session) -> bool:

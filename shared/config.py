@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     # HTTP API.
     max_body_bytes: int = Field(64 * 1024, gt=0)
     page_size: int = Field(50, ge=1, le=500)
+    token_cache_seconds: float = Field(
+        1.0, ge=0, le=60,
+        description="how long an API process trusts a token it checked; a revoked token "
+        "stops working within this many seconds (0: check every request)",
+    )  # fmt: skip
 
     # Slow clients (gunicorn's gevent workers, api/serving.py).
     header_timeout_seconds: float = Field(

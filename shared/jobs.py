@@ -6,13 +6,14 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy import CursorResult, Select, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -372,11 +373,62 @@ def artifacts_of(session: Session, job_ids: Iterable[str]) -> dict[str, list[Art
     return found
 
 
-def metric_series(session: Session, job_id: str) -> tuple[list[Metric], list[Metric]]:
-    """(train, test) metric rows of a job in the order they were logged."""
-    stmt = select(Metric).where(Metric.job_id == job_id).order_by(Metric.step, Metric.id)
-    rows = list(session.scalars(stmt))
-    return [m for m in rows if m.kind == "train"], [m for m in rows if m.kind == "test"]
+@dataclass(frozen=True)
+class MetricSeries:
+    """A job's train points (one page, or thinned) and test points, in logged order."""
+
+    train: list[Metric]
+    test: list[Metric]
+    next_after_step: int | None  # more train points follow this step
+
+
+def metric_series(
+    session: Session,
+    job_id: str,
+    *,
+    after_step: int | None = None,
+    limit: int = 10_000,
+    max_points: int | None = None,
+) -> MetricSeries:
+    """The metric rows of a job after ``after_step``: at most ``limit`` train points, or the
+    train series thinned to about ``max_points``; every test point after that step."""
+    after = -1 if after_step is None else after_step
+    test = list(session.scalars(_series(job_id, "test", after)))
+    if max_points is not None:
+        return MetricSeries(_thinned(session, job_id, after, max_points), test, None)
+    train = list(session.scalars(_series(job_id, "train", after).limit(limit + 1)))
+    more = len(train) > limit
+    train = train[:limit]
+    return MetricSeries(train, test, train[-1].step if more else None)
+
+
+def _series(job_id: str, kind: str, after: int) -> Select[Metric]:
+    # ix_metric_job_kind_step serves both the filter and the order.
+    return (
+        select(Metric)
+        .where(Metric.job_id == job_id, Metric.kind == kind, Metric.step > after)
+        .order_by(Metric.step, Metric.id)
+    )
+
+
+def _thinned(session: Session, job_id: str, after: int, max_points: int) -> list[Metric]:
+    """Every k-th train point (k chosen for at most ``max_points``) and the last one."""
+    count_stmt = select(func.count()).where(
+        Metric.job_id == job_id, Metric.kind == "train", Metric.step > after
+    )
+    total = session.scalar(count_stmt) or 0
+    stride = max(1, math.ceil((total - 1) / max(1, max_points - 1)))
+    if stride == 1:
+        return list(session.scalars(_series(job_id, "train", after)))
+    numbered = (
+        select(Metric.id, func.row_number().over(order_by=(Metric.step, Metric.id)).label("n"))
+        .where(Metric.job_id == job_id, Metric.kind == "train", Metric.step > after)
+        .subquery()
+    )
+    # Row numbers start at 1: keep rows 1, 1 + k, 1 + 2k, ... and the last row.
+    keep = select(numbered.c.id).where(or_((numbered.c.n - 1) % stride == 0, numbered.c.n == total))
+    stmt = select(Metric).where(Metric.id.in_(keep)).order_by(Metric.step, Metric.id)
+    return list(session.scalars(stmt))
 
 
 def get_artifact(session: Session, job_id: str, name: str) -> Artifact:

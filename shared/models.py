@@ -96,6 +96,8 @@ class Job(Base):
         Index("ix_job_created_id", "created_at", "id"),
         # One job per trial number of a sweep, whatever controllers race (NULLs are distinct).
         Index("ux_job_sweep_trial", "sweep_id", "trial_number", unique=True),
+        # ... and a user's own list on (owner_id, created_at, id) (migration 0008).
+        Index("ix_job_owner_created", "owner_id", "created_at", "id"),
         # A worker claims the best queued job of a queue: highest priority, then oldest.
         Index("ix_job_claim_order", "status", "queue", "priority", "created_at", "id"),
     )

@@ -152,6 +152,28 @@ def progress_figures(
     return fraction, eta
 
 
+MAX_METRIC_PAGE = 10_000
+
+
+class MetricsQuery(BaseModel):
+    """Query parameters of GET /api/v1/jobs/<id>/metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after_step: int | None = Field(
+        None, ge=0, description="only points after this global step (next_after_step of a page)"
+    )
+    limit: int | None = Field(
+        None, ge=1, le=MAX_METRIC_PAGE,
+        description=f"most train points in the answer (default and at most {MAX_METRIC_PAGE})",
+    )  # fmt: skip
+    max_points: int | None = Field(
+        None, ge=2, le=MAX_METRIC_PAGE,
+        description="thin the train series to about this many points, evenly spread, the "
+        "first and last kept (for a chart); the whole series, not one page",
+    )  # fmt: skip
+
+
 class ProgressOut(BaseModel):
     """How far a job is: the latest progress the worker wrote."""
 
@@ -191,6 +213,9 @@ class MetricsOut(BaseModel):
     job_id: str
     train: list[MetricPointOut]
     test: list[MetricPointOut]
+    next_after_step: int | None = Field(
+        None, description="more train points follow: pass this as after_step for the next page"
+    )
 
 
 class JobErrorOut(BaseModel):

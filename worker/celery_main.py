@@ -23,11 +23,12 @@ from celery.signals import (
 )
 from celery.worker import state as worker_state
 
-from shared.celery_app import make_celery
+from shared.celery_app import CPU_QUEUE, GPU_QUEUE, make_celery
 from shared.config import Settings
 from shared.db import make_session_factory
 from shared.workers import running_jobs
 from worker.maintenance import MaintenanceLoop
+from worker.pool import warm_up_in_background
 from worker.registry import RegistryBeat
 from worker.runner import SHUTDOWN, make_worker_engine
 from worker.tasks import make_context, register_tasks
@@ -98,6 +99,22 @@ def _child_started(**_: Any) -> None:
     # Ignored, not handled, here: billiard installs its exit handler after this hook on
     # every signal that is neither ignored nor default-less, so an idle child would die.
     signal.signal(HAND_BACK_SIGNAL, signal.SIG_IGN)
+    if {CPU_QUEUE, GPU_QUEUE} & set(app.amqp.queues.consume_from):
+        warm_up_in_background(_prepare_child)
+
+
+def _prepare_child() -> None:
+    """While this child waits for its one job: the database, torch, MNIST, a first fit."""
+    # Imported here, in the child: the prefork parent never loads torch.
+    import torch
+
+    from worker.training.warmup import warm_up
+
+    with context.session_factory() as session:
+        session.connection()  # the claim finds a connection open
+    cuda = GPU_QUEUE in app.amqp.queues.consume_from and torch.cuda.is_available()
+    warm_up(settings.data_dir, threads=context.threads or settings.train_threads,
+            download=settings.download_mnist, cuda=cuda)  # fmt: skip
 
 
 @worker_ready.connect

@@ -1,14 +1,30 @@
-"""The prefork pool the workers run: Celery's own, replacing a finished child promptly."""
+"""The prefork pool the workers run: Celery's own, replacing a finished child promptly, with
+children that warm up while they wait for their one job."""
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from collections.abc import Callable
 
 from celery.concurrency.asynpool import AsynPool
 from celery.concurrency.prefork import TaskPool
 
+logger = logging.getLogger(__name__)
+
 # How often the pool makes sure it has all its children, at the longest.
 MAINTAIN_SECONDS = 0.25
+# A task waits at most this long for its child's warm-up, then runs cold.
+WARM_UP_TIMEOUT_SECONDS = 300.0
+
+# Logged by a child once warm; bench/service_overhead.py waits for it to measure a warm worker.
+WARM_MESSAGE = "pool child %d warmed up in %.1f s"
+
+# Set in a child once its warm-up is over (or when it has none): its task may claim.
+_warm = threading.Event()
+_warm.set()
 
 
 class PromptAsynPool(AsynPool):
@@ -26,3 +42,28 @@ class JobPool(TaskPool):
     """``--pool worker.pool:JobPool``: prefork with prompt child replacement."""
 
     Pool = PromptAsynPool
+
+
+def warm_up_in_background(prepare: Callable[[], None]) -> None:
+    """In a fresh pool child: run ``prepare`` in a thread; ``wait_until_warm`` waits for it."""
+    # A thread, not the init hook itself: the parent waits only seconds for a new child to
+    # report, and warming (torch, MNIST, a first fit) may take longer on a busy machine.
+    _warm.clear()
+    threading.Thread(target=_run, args=(prepare,), name="warm-up", daemon=True).start()
+
+
+def _run(prepare: Callable[[], None]) -> None:
+    started = time.monotonic()
+    try:
+        prepare()
+        logger.info(WARM_MESSAGE, os.getpid(), time.monotonic() - started)
+    except Exception:
+        # The job repeats whatever failed here and fails with the reason, if it still fails.
+        logger.warning("warming up this pool child failed", exc_info=True)
+    finally:
+        _warm.set()
+
+
+def wait_until_warm(timeout: float = WARM_UP_TIMEOUT_SECONDS) -> bool:
+    """Block until this child's warm-up is over; False if it took longer than ``timeout``."""
+    return _warm.wait(timeout)

@@ -15,6 +15,7 @@ from celery.exceptions import Reject
 from shared.celery_app import TRAIN_TASK, publish_train
 from shared.config import Settings
 from shared.workers import is_draining
+from worker.pool import wait_until_warm
 from worker.runner import WorkerContext, run_job
 
 
@@ -27,6 +28,9 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
         if is_draining(ctx.session_factory, ctx.worker_id):
             # Back to the broker for another worker: this one takes nothing new.
             raise Reject("this worker is draining", requeue=True)
+        # A child that took the message while still warming up claims once it is ready,
+        # so the job's clock starts with torch, MNIST and the kernels in place.
+        wait_until_warm()
         return str(run_job(ctx, job_id))
 
 

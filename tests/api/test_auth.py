@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,12 +18,13 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import create_app
 from client.cli import cli
 from client.server import _bootstrap_admin
 from shared.auth import hash_token, new_token_secret, revoke_token
 from shared.config import Settings, get_settings
 from shared.models import ApiToken
-from tests.api.conftest import Caller, client_as
+from tests.api.conftest import Caller, client_as, make_settings
 
 JOBS = "/api/v1/jobs"
 
@@ -53,9 +58,11 @@ def test_the_scheme_is_case_insensitive(anonymous: FlaskClient, alice: Caller) -
     assert response.status_code == 200
 
 
-def test_a_revoked_token_stops_working_at_once(
-    app: Flask, alice: Caller, sessions: sessionmaker[Session]
+def test_a_revoked_token_stops_working_at_once_without_the_cache(
+    tmp_path: Path, database_url: str, alice: Caller, sessions: sessionmaker[Session]
 ) -> None:
+    app = create_app(make_settings(tmp_path, database_url, token_cache_seconds=0),
+                     publish=lambda j, q: None)  # fmt: skip
     client = client_as(app, alice)
     assert client.get(JOBS).status_code == 200
     with sessions() as session:
@@ -64,6 +71,31 @@ def test_a_revoked_token_stops_working_at_once(
     response = client.get(JOBS)
     assert response.status_code == 401
     assert response.get_json()["error"] == "invalid_token"
+
+
+def test_a_token_revoked_by_another_process_stops_working_within_the_cache_time(
+    tmp_path: Path, database_url: str, alice: Caller, sessions: sessionmaker[Session]
+) -> None:
+    ttl = 0.5
+    app = create_app(make_settings(tmp_path, database_url, token_cache_seconds=ttl),
+                     publish=lambda j, q: None)  # fmt: skip
+    client = client_as(app, alice)
+    assert client.get(JOBS).status_code == 200  # checked once: cached from now on
+    with sessions() as session:
+        public_id = session.scalars(select(ApiToken.public_id)).one()
+    env = {**os.environ, "MNISTQ_DATABASE_URL": database_url, "MNISTQ_VAR_DIR": str(tmp_path)}
+    revoke = [sys.executable, "-c", "from client.cli import main; main()",
+              "tokens", "revoke", public_id]  # fmt: skip
+    subprocess.run(revoke, env=env, check=True, capture_output=True)  # `mnistq tokens revoke`
+    revoked = time.monotonic()
+    statuses = []
+    while time.monotonic() - revoked < ttl + 1.0 and 401 not in statuses:
+        statuses.append(client.get(JOBS).status_code)
+        time.sleep(0.02)
+    # Cached answers may still say 200 for up to ttl seconds, then the row is read again.
+    assert statuses[-1] == 401
+    assert set(statuses) <= {200, 401}
+    assert time.monotonic() - revoked <= ttl + 0.5
 
 
 def test_tokens_are_stored_only_as_their_sha256(
@@ -102,12 +134,11 @@ def cli_env(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> Iterator[tuple[CliRunner, FlaskClient]]:
     """A CLI runner on a fresh database and an app on the same database."""
-    from api import create_app
-
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     monkeypatch.setenv("MNISTQ_DATABASE_URL", url)
     get_settings.cache_clear()
-    app = create_app(Settings(database_url=url, var_dir=tmp_path), publish=lambda j, q: None)
+    settings = Settings(database_url=url, var_dir=tmp_path, token_cache_seconds=0)
+    app = create_app(settings, publish=lambda j, q: None)
     yield CliRunner(), app.test_client()
     get_settings.cache_clear()
 

@@ -53,7 +53,8 @@ def test_submit_operation_describes_body_key_and_answers(client: FlaskClient) ->
     hyper = doc["components"]["schemas"]["Hyperparameters"]["properties"]
     assert hyper["n_epochs"]["minimum"] == 1 and hyper["n_epochs"]["default"] == 3
     listing = doc["paths"]["/api/v1/jobs"]["get"]
-    assert {p["name"] for p in listing["parameters"]} == {"status", "limit", "cursor"}
+    names = {p["name"] for p in listing["parameters"]}
+    assert names == {"status", "limit", "cursor", "If-None-Match"}
     download = doc["paths"]["/api/v1/jobs/{job_id}/artifacts/{name}"]["get"]
     assert {p["name"] for p in download["parameters"]} == {"job_id", "name"}
 

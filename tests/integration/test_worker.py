@@ -486,31 +486,47 @@ def maps_torch(pid: int) -> bool:
         return False
 
 
-def test_the_prefork_parent_never_loads_torch_and_each_job_gets_a_fresh_child(
+def wait_for_warm_child(worker: Process, timeout: float = 60) -> int:
+    """The pid of one of the worker's pool children once it has torch loaded (warmed up)."""
+    assert worker.popen is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        warm = [pid for pid in child_pids(worker.popen.pid) if maps_torch(pid)]
+        if warm:
+            return warm[0]
+        time.sleep(0.1)
+    pytest.fail(f"no pool child of {worker.popen.pid} warmed up: {worker.tail()}")
+
+
+def test_the_prefork_parent_never_loads_torch_and_each_job_gets_a_fresh_warm_child(
     stack: Stack,
 ) -> None:
     assert stack.worker.popen is not None
     parent = stack.worker.popen.pid
-    job_id = stack.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
-    stack.api.wait(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] > 0)
-    trainers = [pid for pid in child_pids(parent) if maps_torch(pid)]
-    assert len(trainers) == 1, "the child running the job must have torch loaded"
+    # Before any job: the idle child has imported torch (and read MNIST); the parent has not.
+    idle = wait_for_warm_child(stack.worker)
     assert not maps_torch(parent)
+    job_id = stack.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
+    running = stack.api.wait(job_id, lambda j: j["status"] == "running" and j["lease"])
+    trainer = running["lease"]["pid"]  # recorded by the process that claimed the job
+    assert trainer == idle and trainer in child_pids(parent) and maps_torch(trainer)
     # Cancelled rather than waited for: the child's task ends within a heartbeat either way.
     stack.api.http.post(f"{stack.api.base}/api/v1/jobs/{job_id}/cancel", timeout=10)
     assert stack.api.wait_finished(job_id)["status"] == "cancelled"
     deadline = time.monotonic() + 15
-    while trainers[0] in child_pids(parent) and time.monotonic() < deadline:
+    while trainer in child_pids(parent) and time.monotonic() < deadline:
         time.sleep(0.1)
-    # One job per child: the process that ran it is gone; the parent still has no torch.
-    assert trainers[0] not in child_pids(parent)
+    # One job per child: the process that ran it is gone, a fresh one warms up in its place;
+    # the parent still has no torch.
+    assert trainer not in child_pids(parent)
+    assert wait_for_warm_child(stack.worker) != trainer
     assert not maps_torch(parent)
 
 
-def trains(worker: Process) -> bool:
-    """True when one of the worker's pool children has torch loaded: it runs a job."""
+def runs(worker: Process, job: dict[str, Any]) -> bool:
+    """True when the process that claimed ``job`` (its recorded pid) is one of the worker's."""
     assert worker.popen is not None
-    return any(maps_torch(pid) for pid in child_pids(worker.popen.pid))
+    return bool(job["lease"]) and job["lease"]["pid"] in child_pids(worker.popen.pid)
 
 
 def test_jobs_queued_when_redis_restarts_empty_all_still_finish(
@@ -581,9 +597,10 @@ def test_a_frozen_worker_loses_its_job_and_writes_nothing_after_it_wakes(stack: 
     other = stack.extra_worker().start()
     stack.wait_live_workers(2)  # the one not running the job is idle, ready to take it over
     job_id = stack.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
-    stack.api.wait(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] >= 6)
-    frozen, stack.worker = (stack.worker, other) if trains(stack.worker) else (other, stack.worker)
-    assert frozen.popen is not None and trains(frozen)
+    job = stack.api.wait(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] >= 6)
+    mine = runs(stack.worker, job)
+    frozen, stack.worker = (stack.worker, other) if mine else (other, stack.worker)
+    assert frozen.popen is not None and runs(frozen, job)
     frozen_token = lease_token(stack, job_id)
     os.killpg(frozen.popen.pid, signal.SIGSTOP)  # the whole worker, as a paused VM
     stopped = time.monotonic()

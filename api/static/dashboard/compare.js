@@ -13,7 +13,7 @@
 
   async function draw() {
     const all = await Promise.all(heads.map(function (th) {
-      return m.getJSON(root.dataset.metrics.replace("JOB", encodeURIComponent(th.dataset.id)));
+      return m.getJSON(root.dataset.metrics.replace("JOB", encodeURIComponent(th.dataset.id)) + "?max_points=2000");
     }));
     const label = function (i) { return heads[i].textContent.trim(); };
     const color = function (i) { return m.COLORS[i % m.COLORS.length]; };

@@ -7,6 +7,7 @@
   const root = document.getElementById("job");
   if (!root) return;
   const FINISHED = ["succeeded", "failed", "cancelled", "pruned"];
+  const CHART_POINTS = 2000; // a chart cannot show more; the series is thinned to this
   const lossChart = document.getElementById("loss-chart");
   const accuracyChart = document.getElementById("accuracy-chart");
 
@@ -43,7 +44,7 @@
 
   async function refresh() {
     const job = await m.getJSON(root.dataset.job);
-    drawMetrics(await m.getJSON(root.dataset.metrics), job.progress.n_epochs);
+    drawMetrics(await m.getJSON(root.dataset.metrics + "?max_points=" + CHART_POINTS), job.progress.n_epochs);
     showJob(job);
     if (FINISHED.indexOf(job.status) >= 0) {
       // The server renders the plots and artifacts of a finished job: show them once.

@@ -1,0 +1,206 @@
+"""The read path: a fixed number of queries per answer, cached tokens, 304s, metric pages."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import event
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.db import ENGINE_KEY
+from shared.models import JobStatus, Worker, utcnow
+from shared.store import LocalStore
+from tests.api.conftest import add_artifact, insert_job, insert_metrics
+
+JOBS = "/api/v1/jobs"
+NAMES = ("model.pth", "metrics.json", "examples.png", "checkpoints/epoch-1.pt")
+
+
+@pytest.fixture
+def database_url(any_database_url: str) -> str:
+    """Counted on SQLite and on PostgreSQL."""
+    return any_database_url
+
+
+class Statements:
+    """Every SQL statement the app's engine sends, by text."""
+
+    def __init__(self, app: Flask) -> None:
+        self.sent: list[str] = []
+        self.engine = app.extensions[ENGINE_KEY]
+        event.listen(self.engine, "before_cursor_execute", self._record)
+
+    def _record(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        self.sent.append(statement)
+
+    def during(self, client: FlaskClient, path: str, **kwargs: Any) -> list[str]:
+        """The statements of one GET of ``path`` (after a first GET that fills the caches)."""
+        assert client.get(path, **kwargs).status_code == 200
+        self.sent.clear()
+        assert client.get(path, **kwargs).status_code in (200, 304)
+        return list(self.sent)
+
+    def close(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._record)
+
+
+@pytest.fixture
+def statements(app: Flask) -> Iterator[Statements]:
+    """The app's statements, recorded."""
+    recorder = Statements(app)
+    yield recorder
+    recorder.close()
+
+
+def _finished_job(sessions: sessionmaker[Session], store: LocalStore) -> str:
+    job_id = insert_job(sessions, status=JobStatus.SUCCEEDED)
+    for name in NAMES:
+        add_artifact(sessions, store, job_id, name, b"x")
+    insert_metrics(sessions, job_id, [_test(epoch) for epoch in (1, 2, 3)])
+    return job_id
+
+
+def _test(epoch: int) -> dict[str, Any]:
+    return {"kind": "test", "epoch": epoch, "step": 938 * epoch, "samples_seen": 60000 * epoch,
+            "loss": 0.1, "accuracy": 0.97, "seconds": 5.0 * epoch}  # fmt: skip
+
+
+def _train(step: int) -> dict[str, Any]:
+    return {"kind": "train", "epoch": 1, "step": step, "samples_seen": 64 * step,
+            "loss": 1.0 / step, "accuracy": None, "seconds": step / 100}  # fmt: skip
+
+
+def _queued_jobs(sessions: sessionmaker[Session], n: int) -> None:
+    with sessions() as session, session.begin():
+        session.add(Worker(id=uuid.uuid4().hex, name="w@host", hostname="host", pid=1, queues="cpu",
+                           concurrency=1, heartbeat_seconds=5.0, last_seen_at=utcnow(),
+                           started_at=utcnow()))  # fmt: skip
+    for _ in range(n):
+        insert_job(sessions, status=JobStatus.QUEUED, queue="cpu", queued_at=utcnow())
+
+
+def test_a_finished_job_costs_three_queries_and_no_token_lookup(
+    client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore,
+    statements: Statements,
+) -> None:  # fmt: skip
+    job_id = _finished_job(sessions, store)
+    sent = statements.during(client, f"{JOBS}/{job_id}")
+    # The job, its artifacts, its test results; the token came from the cache.
+    assert len(sent) == 3, sent
+    assert not any("api_token" in s or "user_account" in s for s in sent)
+
+
+def test_a_queued_job_adds_only_its_position_and_the_live_workers(
+    client: FlaskClient, sessions: sessionmaker[Session], statements: Statements
+) -> None:
+    _queued_jobs(sessions, 3)
+    job_id = client.get(JOBS).get_json()["items"][0]["id"]
+    sent = statements.during(client, f"{JOBS}/{job_id}")
+    assert len(sent) == 5, sent
+
+
+@pytest.mark.parametrize("jobs", [2, 20])
+def test_the_job_list_costs_the_same_queries_for_any_page_size(
+    client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore,
+    statements: Statements, jobs: int,
+) -> None:  # fmt: skip
+    for _ in range(jobs):
+        _finished_job(sessions, store)
+    _queued_jobs(sessions, jobs)
+    sent = statements.during(client, f"{JOBS}?limit=100")
+    # The page, artifacts, test results, queue positions, live workers: no query per job.
+    assert len(sent) == 5, sent
+    assert len(client.get(f"{JOBS}?limit=100").get_json()["items"]) == 2 * jobs
+
+
+def test_a_get_sends_no_transaction(
+    client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore,
+    statements: Statements,
+) -> None:  # fmt: skip
+    job_id = _finished_job(sessions, store)
+    sent = statements.during(client, f"{JOBS}/{job_id}")
+    assert all(s.lstrip().upper().startswith("SELECT") for s in sent), sent
+
+
+@pytest.mark.parametrize("path", ["{jobs}/{id}", "{jobs}", "{jobs}/{id}/metrics"])
+def test_a_conditional_get_of_an_unchanged_answer_is_304(
+    client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore, path: str
+) -> None:
+    job_id = _finished_job(sessions, store)
+    url = path.format(jobs=JOBS, id=job_id)
+    first = client.get(url)
+    tag = first.headers["ETag"]
+    assert first.headers["Cache-Control"] == "private, no-cache"
+    again = client.get(url, headers={"If-None-Match": tag})
+    assert again.status_code == 304
+    assert again.data == b""
+    assert again.headers["ETag"] == tag
+    assert client.get(url, headers={"If-None-Match": '"other"'}).status_code == 200
+
+
+def test_the_etag_changes_when_the_job_does(
+    client: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    job_id = insert_job(sessions, status=JobStatus.RUNNING)
+    tag = client.get(f"{JOBS}/{job_id}").headers["ETag"]
+    insert_metrics(sessions, job_id, [_test(1)])
+    changed = client.get(f"{JOBS}/{job_id}", headers={"If-None-Match": tag})
+    assert changed.status_code == 200
+    assert changed.headers["ETag"] != tag
+    assert changed.get_json()["test_metrics"][0]["epoch"] == 1
+
+
+def test_metric_pages_follow_next_after_step_to_the_end(
+    client: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    job_id = insert_job(sessions, status=JobStatus.RUNNING)
+    insert_metrics(sessions, job_id, [_train(s) for s in range(1, 26)] + [_test(1)])
+    steps, after, pages = [], None, 0
+    while True:
+        query = f"?limit=10{'' if after is None else f'&after_step={after}'}"
+        body = client.get(f"{JOBS}/{job_id}/metrics{query}").get_json()
+        steps += [p["step"] for p in body["train"]]
+        pages += 1
+        after = body["next_after_step"]
+        if after is None:
+            break
+    assert steps == list(range(1, 26))
+    assert pages == 3
+    later = client.get(f"{JOBS}/{job_id}/metrics?after_step=20").get_json()
+    assert [p["step"] for p in later["train"]] == [21, 22, 23, 24, 25]
+    assert [p["step"] for p in later["test"]] == [938]
+    assert client.get(f"{JOBS}/{job_id}/metrics?after_step=938").get_json()["test"] == []
+
+
+def test_max_points_thins_the_train_series_keeping_both_ends(
+    client: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    job_id = insert_job(sessions, status=JobStatus.RUNNING)
+    insert_metrics(sessions, job_id, [_train(s) for s in range(1, 1001)])
+    body = client.get(f"{JOBS}/{job_id}/metrics?max_points=50").get_json()
+    steps = [p["step"] for p in body["train"]]
+    assert 40 <= len(steps) <= 51
+    assert steps[0] == 1 and steps[-1] == 1000
+    assert steps == sorted(steps)
+    assert body["next_after_step"] is None
+    few = client.get(f"{JOBS}/{job_id}/metrics?max_points=5000").get_json()
+    assert len(few["train"]) == 1000
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [("limit=0", "limit"), ("max_points=1", "max_points"), ("after_step=-1", "after_step"),
+     ("limit=10001", "limit"), ("bogus=1", "bogus")],
+)  # fmt: skip
+def test_bad_metric_queries_name_the_field(
+    client: FlaskClient, sessions: sessionmaker[Session], query: str, field: str
+) -> None:
+    job_id = insert_job(sessions, status=JobStatus.RUNNING)
+    response = client.get(f"{JOBS}/{job_id}/metrics?{query}")
+    assert response.status_code == 422
+    assert field in response.get_data(as_text=True)

@@ -1,0 +1,43 @@
+"""A process's first run of the engine, done before its first job: imports, data, kernels."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from shared.schemas import Hyperparameters
+from worker.training.data import load_split
+from worker.training.devices import configure_threads
+from worker.training.loop import fit
+from worker.training.nets import FAST_CNN_SETTINGS, MODELS
+
+# Enough batches to build every kernel and buffer a step uses, with each model's shapes.
+WARM_BATCHES = 2
+WARM_TEST_SAMPLES = 1000  # one test batch of the seed's size
+
+
+def warm_up(data_dir: Path, *, threads: int, download: bool, cuda: bool = False) -> None:
+    """Set up threads, read MNIST into this process's tensors and fit each model briefly.
+
+    The first fit in a process pays for imports (torchvision, matplotlib), oneDNN's kernel
+    set-up, the allocator's first pages and matplotlib's fonts; a job run after this one
+    pays none of them. Numbers do not change: ``fit`` seeds everything it draws from.
+    """
+    configure_threads(threads)
+    train = load_split(data_dir, train=True, download=download)
+    test = load_split(data_dir, train=False, download=download)
+    devices = [torch.device("cpu")] + ([torch.device("cuda:0")] if cuda else [])
+    with tempfile.TemporaryDirectory(prefix="mnistq-warm-") as out:
+        for device in devices:
+            for name in MODELS:
+                fit(_settings(name, device), train, test, Path(out) / f"{device.type}-{name}",
+                    device=device, max_train_batches=WARM_BATCHES,
+                    max_test_samples=WARM_TEST_SAMPLES)  # fmt: skip
+
+
+def _settings(model: str, device: torch.device) -> Hyperparameters:
+    """A model's usual hyperparameters (its batch sizes are what kernels are built for)."""
+    base = FAST_CNN_SETTINGS if model == "fast_cnn" else {"model": model}
+    return Hyperparameters.model_validate({**base, "n_epochs": 1, "device": device.type})
