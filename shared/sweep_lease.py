@@ -136,4 +136,18 @@ def finish(
         )
         if status is not SweepStatus.COMPLETED:
             stop_trials(session, lease.sweep_id)
+        else:
+            _tell_completed(session, lease.sweep_id)
     return True
+
+
+def _tell_completed(session: Session, sweep_id: str) -> None:
+    """The ``sweep.completed`` webhook event, in the transaction that completes the sweep."""
+    from shared.webhooks import enqueue_event
+
+    sweep = session.get(Sweep, sweep_id)
+    if sweep is None:
+        return
+    data = {"id": sweep.id, "name": sweep.name, "status": SweepStatus.COMPLETED.value,
+            "method": sweep.method, "max_trials": sweep.max_trials}  # fmt: skip
+    enqueue_event(session, sweep.owner_id, "sweep.completed", data)

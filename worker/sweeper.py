@@ -120,7 +120,10 @@ def record(sweep: Sweep, job: Job, tests: Sequence[Metric]) -> TrialRecord:
     """The study's view of one trial job."""
     from worker.search import TrialRecord
 
-    epochs = [(m.epoch, v) for m in tests if (v := epoch_value(sweep, m)) is not None]
+    # Epoch 0 is the untrained net's test: no training to judge a trial by.
+    epochs = [
+        (m.epoch, v) for m in tests if m.epoch > 0 and (v := epoch_value(sweep, m)) is not None
+    ]
     return TrialRecord(
         number=job.trial_number or 0, params=trial_params(sweep, job),
         status=JobStatus(job.status), epochs=epochs, value=trial_value(sweep, job),
