@@ -201,6 +201,7 @@ def dispatch(tiny_jobs: int, slots: int) -> dict[str, float]:
     import subprocess
 
     work = Path(f"/tmp/mnistq-scale-{uuid.uuid4().hex[:6]}")
+    work.mkdir(parents=True)
     with fresh_database() as database_url:
         env = {**bench_env(database_url, work), "MNISTQ_MAX_TRAIN_BATCHES": "1"}
         subprocess.run(["redis-cli", "-n", str(REDIS_DB), "FLUSHDB"], check=True,
