@@ -278,7 +278,7 @@ def trials_json(session: Session, sweep: Sweep) -> dict[str, Any]:
             trial_number=job.trial_number or 0,
             params=trial_params(sweep, job),
             value=trial_value(sweep, job),
-            epochs_trained=len(tests[job.id]),
+            epochs_trained=sum(1 for m in tests[job.id] if m.epoch > 0),  # not the epoch-0 test
             job=JobOut.model_validate(data),
         )
         for job, data in zip(jobs, jobs_json(session, jobs), strict=True)
