@@ -16,7 +16,7 @@ from api.auth import owner_scope
 from api.db import SESSIONS_KEY, get_session
 from api.errors import field_error, validation_failed
 from api.extensions import services
-from api.feed import BATCH, Feed, Item, Subscription, item
+from api.feed import Feed, Item, Subscription, item
 from api.inputs import query_args
 from api.openapi import operation
 from api.serialize import dump, utc
@@ -32,6 +32,7 @@ STREAM_MEDIA = ("text/event-stream",)
 LAST_EVENT_ID = "Last-Event-ID"
 END = "event: end\ndata: {}\n\n"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+REPLAY_BATCH = 200  # backlog events read and sent at a time
 
 
 def line_out(event: JobEvent) -> LogLineOut:
@@ -162,9 +163,13 @@ class Stream:
         sub = self.feed.subscribe(self.wants)  # before the backlog, so nothing falls between
         try:
             yield "retry: 2000\n\n"
-            backlog, finished = self._backlog()
-            sent = {new.id for new in backlog}
-            yield from (new.frame for new in backlog)
+            # The state is read before the events: a job seen finished has all of them.
+            finished = self.job_id is not None and self._job_finished(self.job_id)
+            sent: set[int] = set()  # the all-jobs stream's replayed ids: the feed may repeat them
+            for batch in self._backlog():
+                if self.job_id is None:
+                    sent.update(new.id for new in batch)
+                yield "".join(new.frame for new in batch)
             if finished:
                 yield END
                 return
@@ -189,15 +194,28 @@ class Stream:
                 yield END
                 return
 
-    def _backlog(self) -> tuple[list[Item], bool]:
-        """Events after ``after`` in the database, and whether the (one) job is finished."""
-        found: list[Item] = []
+    def _job_finished(self, job_id: str) -> bool:
         with self.feed.factory() as session:
-            finished = self.job_id is not None and _finished(session, self.job_id)
-            while batch := events.events_after(
-                session, after=self.after, job_id=self.job_id, owner_id=self.owner_id,
-                limit=BATCH,
-            ):  # fmt: skip
-                found += [item(e, self.owner_id) for e in batch]
-                self.after = batch[-1].id
-        return found, finished
+            return _finished(session, job_id)
+
+    def _backlog(self) -> Iterator[list[Item]]:
+        """Events after ``after`` in the database, a batch at a time.
+
+        A batch is read and framed holding one of the process's replay slots, and sent
+        after letting it go: a slow reader holds no slot and no connection, and many streams
+        replaying at once leave the CPU to other requests between their batches.
+        """
+        while True:
+            with self.feed.replay_slots, self.feed.factory() as session:
+                batch = [
+                    item(e, self.owner_id)
+                    for e in events.events_after(
+                        session, after=self.after, job_id=self.job_id, owner_id=self.owner_id,
+                        limit=REPLAY_BATCH,
+                    )
+                ]  # fmt: skip
+            if not batch:
+                return
+            self.after = batch[-1].id
+            yield batch
+            time.sleep(0)  # a turn for the other streams and requests (a greenlet switch)

@@ -5,7 +5,8 @@ However many streams are open, the process asks the database once per
 streams it concerns (one job's, or all of one owner's). A stream reads its own backlog
 (a replay after Last-Event-ID) from the database first, then follows this feed.
 Threads under `mnistq up`; greenlets under gunicorn's gevent workers, which patch
-``threading`` and ``queue``.
+``threading``, ``queue`` and ``time``. Backlogs are read a batch at a time, a few streams at
+once (``replay_slots``), so clients replaying long logs take turns with every other request.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from shared.models import EventKind, Job, JobEvent, utcnow
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
+# Open streams replaying their backlog from the database at once, per process: replays are
+# CPU work (rows to frames), and fifty clients opening long logs together must not starve
+# the process's other requests of it.
+REPLAY_SLOTS = 2
 # Events of different jobs may commit out of id order: the poller looks back this far
 # and sends what it had not seen, so an event committed late is still sent, once.
 SETTLE = timedelta(seconds=5)
@@ -87,6 +92,9 @@ class Feed:
     after: int | None = None  # the window's start: every event at or below it was handed on
     seen: set[int] = field(default_factory=set)  # ids above ``after`` already handed on
     thread: threading.Thread | None = None
+    replay_slots: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(REPLAY_SLOTS)
+    )
 
     def subscribe(self, wants: Callable[[Item], bool]) -> Subscription:
         """Start receiving new events (those committed from about now on)."""

@@ -5,12 +5,14 @@ Runs the API twice against real PostgreSQL and Redis, as mnistq used to serve it
 prints for each, from one run: GET /api/v1/health latency (p50, p95, max, failures) with
   1. nothing else going on;
   2. 20 clients trickling request headers one byte every 0.1 s;
-  3. 50 open event streams (GET /api/v1/jobs/<id>/events) on a quiet job;
+  3. 50 event streams (GET /api/v1/jobs/<id>/events) opened at once on a quiet job whose
+     log already holds BACKLOG lines (about what a 3-epoch seed job writes), so that each
+     stream first replays them from the database, then waits;
   4. the same while the job gets 20 log lines a second, each sent to all 50 streams.
 
 Needs Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (scripts/services).
 
-    python bench/slow_clients.py [--probes 30]
+    python bench/slow_clients.py [--probes 100]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+BACKLOG = 1000  # log lines of the job before the streams open
 SETUPS = {
     "sync x2 (before)": ["--workers", "2"],
     "gevent x2 (now)": ["--config", "python:api.serving", "--workers", "2"],
@@ -92,15 +95,20 @@ def api(args: list[str], env: dict[str, str]) -> Iterator[str]:
 
 
 def probe(base: str, n: int) -> tuple[list[float], int]:
-    """Latencies (ms) of ``n`` health checks one after another, and how many failed (>2 s)."""
-    took, failed = [], 0
+    """Latencies (ms) of ``n`` health checks one after another, and how many failed (>2 s);
+    five failures in a row end the run (the server is not answering)."""
+    took, failed, in_a_row = [], 0, 0
     for _ in range(n):
         start = time.perf_counter()
         try:
             requests.get(f"{base}/api/v1/health", timeout=2).raise_for_status()
             took.append((time.perf_counter() - start) * 1000)
+            in_a_row = 0
         except requests.RequestException:
             failed += 1
+            in_a_row += 1
+            if in_a_row == 5:
+                break
         time.sleep(0.05)
     return took, failed
 
@@ -162,7 +170,7 @@ def under_load(base: str, n: int, load: Load, count: int) -> str:
     worker = multiprocessing.Process(target=_run_load, args=(load, count, stop, ready))
     worker.daemon = True
     worker.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 20
     while ready.value < count and time.monotonic() < deadline:
         time.sleep(0.1)  # every slow client connected, every stream open
     time.sleep(0.5)
@@ -207,17 +215,22 @@ def summary(took: list[float], failed: int) -> str:
             f"max {max(took):7.1f} ms  failed {failed}/{len(took) + failed}")  # fmt: skip
 
 
-def setup_job(database_url: str) -> tuple[str, str]:
-    """An admin token and a queued job (no worker runs: its stream stays open)."""
+def setup_job(database_url: str, name: str, backlog: int) -> tuple[str, str]:
+    """An admin token and a queued job with ``backlog`` log lines (no worker runs: its stream
+    stays open)."""
+    from shared import events
     from shared.auth import create_user
     from shared.db import make_engine, make_session_factory
     from shared.models import Job
 
     engine = make_engine(database_url)
     with make_session_factory(engine)() as session:
-        user, issued = create_user(session, "bench", admin=True)
+        user, issued = create_user(session, name, admin=True)
         job = Job(hyperparameters={"n_epochs": 1}, owner_id=user.id)
         session.add(job)
+        session.flush()
+        lines = [events.line(f"Train Epoch: 1 [{n}/60000]") for n in range(backlog)]
+        events.append(session, job.id, lines)
         session.commit()
         job_id = job.id
     engine.dispose()
@@ -226,16 +239,18 @@ def setup_job(database_url: str) -> tuple[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--probes", type=int, default=30)
+    parser.add_argument("--probes", type=int, default=100)
+    parser.add_argument("--backlog", type=int, default=BACKLOG, help="log lines to replay")
     args = parser.parse_args()
     with fresh_database() as url, tempfile.TemporaryDirectory() as var:
-        token, job_id = setup_job(url)
         env = {**os.environ, "MNISTQ_DATABASE_URL": url, "MNISTQ_VAR_DIR": var,
                "MNISTQ_BROKER_URL": "redis://127.0.0.1:6379/14"}  # fmt: skip
-        for name, argv in SETUPS.items():
+        for n, (name, argv) in enumerate(SETUPS.items()):
+            # A fresh job and backlog for each setup.
+            token, job_id = setup_job(url, f"bench{n}", args.backlog)
             with api(argv, env) as base:
                 events = f"{base}/api/v1/jobs/{job_id}/events"
-                print(f"{name}")
+                print(f"{name} (each stream first replays {args.backlog} log lines)")
                 print(f"  idle                  {summary(*probe(base, args.probes))}")
                 slow = under_load(base, args.probes, functools.partial(trickle, base), 20)
                 print(f"  20 trickling clients  {slow}")

@@ -12,6 +12,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.events import FEED_KEY, REPLAY_BATCH
+from api.feed import REPLAY_SLOTS
 from shared import events
 from shared.config import Settings
 from shared.events import NewEvent
@@ -113,6 +115,35 @@ def test_a_finished_jobs_stream_replays_everything_then_ends(
     assert [f["event"] for f in frames(again.get_data(as_text=True))] == ["log", "status", "end"]
     query = client.get(f"/api/v1/jobs/{job_id}/events?after={ids[3]}")
     assert [f["event"] for f in frames(query.get_data(as_text=True))] == ["status", "end"]
+
+
+def test_a_long_backlog_is_replayed_in_batches_in_order_once_holding_no_slot_between(
+    app: Flask, client: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    job_id = insert_job(sessions, status=JobStatus.RUNNING, attempt=1)
+    count = 2 * REPLAY_BATCH + 50
+    add_lines(sessions, job_id, *(f"line {n}" for n in range(count)))
+    finish(sessions, job_id, JobStatus.SUCCEEDED)
+    response = client.get(f"/api/v1/jobs/{job_id}/events", buffered=False)
+    chunks = iter(cast(Iterator[bytes], response.response))
+    assert next(chunks) == b"retry: 2000\n\n"
+    feed = app.extensions[FEED_KEY]
+    batches = []
+    for chunk in chunks:
+        # Between two batches the stream holds none of the process's replay slots.
+        taken = [feed.replay_slots.acquire(blocking=False) for _ in range(REPLAY_SLOTS)]
+        for _ in range(sum(taken)):
+            feed.replay_slots.release()
+        assert all(taken)
+        batches.append(frames(chunk.decode()))
+    response.close()
+    got = [f for batch in batches for f in batch]
+    # 50 lines left, then the end's log line and status event; then `end`.
+    assert [len(batch) for batch in batches] == [REPLAY_BATCH, REPLAY_BATCH, 52, 1]
+    assert [f["data"]["message"] for f in got[:count]] == [f"line {n}" for n in range(count)]
+    assert [f["event"] for f in got[count:]] == ["log", "status", "end"]
+    ids = [int(f["id"]) for f in got[:-1]]
+    assert ids == sorted(set(ids))
 
 
 def test_an_open_stream_sends_new_events_and_keep_alives(
