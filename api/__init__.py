@@ -19,6 +19,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     from flask import Flask
 
     from api import (
+        answer_cache,
         artifacts,
         auth,
         dashboard,
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     services = Services(settings, publish or celery_publisher(settings), store)
     extensions.init_app(app, services)
     db.init_app(app, settings.database_url)
+    answer_cache.init_app(app)
     errors.init_app(app)
     auth.init_app(app)
     limits.init_app(app, settings)

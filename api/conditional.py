@@ -19,6 +19,17 @@ def conditional_json(body: dict[str, Any]) -> Response:
     # still costs the server its queries, but not the transfer or the client's parsing.
     response = jsonify(body)
     response.add_etag()
+    return _conditional(response)
+
+
+def conditional_bytes(body: bytes, etag: str) -> Response:
+    """A JSON answer made earlier (``body``, whose ETag is ``etag``), conditionally."""
+    response = Response(body, mimetype="application/json")
+    response.set_etag(etag)
+    return _conditional(response)
+
+
+def _conditional(response: Response) -> Response:
     # Per caller (the token decides what is visible); caches must ask before reusing it.
     response.headers["Cache-Control"] = "private, no-cache"
     response.vary.add("Authorization")

@@ -8,8 +8,9 @@ from flask import Blueprint, url_for
 from flask.typing import ResponseReturnValue
 from sqlalchemy.orm import Session
 
+from api.answer_cache import finished_answers
 from api.auth import current_user, owner_scope
-from api.conditional import IF_NONE_MATCH, NOT_MODIFIED, conditional_json
+from api.conditional import IF_NONE_MATCH, NOT_MODIFIED, conditional_bytes, conditional_json
 from api.db import get_session
 from api.extensions import services
 from api.inputs import IDEMPOTENCY_HEADER, idempotency_key, json_body, query_args
@@ -118,8 +119,16 @@ def index() -> ResponseReturnValue:
 )
 def get(job_id: str) -> ResponseReturnValue:
     """Status, progress, results, artifacts and links of one job."""
-    session = get_session()
-    return conditional_json(job_json(session, get_job(session, job_id, owner_id=owner_scope())))
+    session, scope = get_session(), owner_scope()
+    answers = finished_answers()
+    kept = answers.lookup(session, job_id, scope)
+    if kept is not None:
+        return conditional_bytes(kept.body, kept.etag)
+    job = get_job(session, job_id, owner_id=scope)
+    response = conditional_json(job_json(session, job))
+    if response.status_code == 200:
+        answers.keep(job, response)
+    return response
 
 
 @bp.patch("/<job_id>")

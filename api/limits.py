@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Flask, current_app
+from flask import Flask, current_app, request
 from flask_limiter import Limiter
 from limits import parse_many
 
@@ -40,8 +40,15 @@ def init_app(app: Flask, settings: Settings) -> None:
         swallow_errors=True,
         in_memory_fallback_enabled=True,
     )
+    # Only submissions are limited, and only through check_submit_rate: reads skip the
+    # limiter's per-request work altogether.
+    limiter.request_filter(_a_read)
     limiter.init_app(app)
     app.extensions[KEY] = limiter
+
+
+def _a_read() -> bool:
+    return request.method in ("GET", "HEAD", "OPTIONS")
 
 
 def check_submit_rate() -> None:

@@ -5,12 +5,15 @@ Prints, from one run:
   2. the wall time of a 1-epoch job through the system (submit → succeeded, idle warm worker)
      against `mnistq train` for the same job, in alternating pairs, and the median ratio;
   3. GET /api/v1/jobs/<id> throughput and latency against `mnistq api` with N jobs in
-     PostgreSQL (wrk: apt-get install wrk), and a conditional GET answered 304.
+     PostgreSQL (wrk: apt-get install wrk), at each --connections: of finished jobs (whose
+     answers each API process keeps, api/answer_cache.py) and of running jobs (read afresh
+     every time); and a conditional GET answered 304.
 
 Needs Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (scripts/services) and
 MNIST in MNISTQ_DATA_DIR.
 
     python bench/service_overhead.py [--samples 20] [--pairs 3] [--jobs 100000] [--seconds 10]
+                                     [--connections 16,4]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_DB = 13
+RUNNING = 1000  # of the seeded jobs: running ones, whose answers change and are never kept
 # One keep-alive session for every call; it carries the bearer token once one is made.
 HTTP = requests.Session()
 
@@ -170,11 +174,13 @@ def measure_job_wall(
     return system, local
 
 
-def seed_jobs(database_url: str, count: int) -> list[str]:
-    """COPY ``count`` finished jobs (with a test metric and an artifact each); their ids."""
+def seed_jobs(database_url: str, count: int) -> tuple[list[str], list[str]]:
+    """COPY ``count`` jobs (with a test metric and an artifact each), RUNNING of them running
+    and the rest finished; their ids, (finished, running)."""
     import psycopg
 
     ids = [uuid.uuid4().hex for _ in range(count)]
+    running = set(ids[-RUNNING:])
     now = datetime.now(UTC)
     hp = json.dumps({"n_epochs": 1})
     job_cols = ("id, status, hyperparameters, device_requested, queue, priority, attempt, "
@@ -183,8 +189,9 @@ def seed_jobs(database_url: str, count: int) -> list[str]:
     with psycopg.connect(database_url.replace("+psycopg", "")) as conn, conn.cursor() as cur:
         with cur.copy(f"COPY job ({job_cols}) FROM STDIN") as copy:
             for i in ids:
-                copy.write_row((i, "succeeded", hp, "auto", "cpu", 0, 1, False, 1, 1, 938, 938,
-                                60000, 60000, 0.1, 0.97, now, now))  # fmt: skip
+                status, end = ("running", None) if i in running else ("succeeded", now)
+                copy.write_row((i, status, hp, "auto", "cpu", 0, 1, False, 1, 1, 938, 938,
+                                60000, 60000, 0.1, 0.97, now, end))  # fmt: skip
         metric_cols = "job_id, kind, epoch, step, samples_seen, loss, accuracy, seconds"
         with cur.copy(f"COPY metric ({metric_cols}) FROM STDIN") as copy:
             for i in ids:
@@ -194,10 +201,12 @@ def seed_jobs(database_url: str, count: int) -> list[str]:
             for i in ids:
                 copy.write_row((i, "model.pth", "model", 1000, "0" * 64, now))
         cur.execute("ANALYZE")
-    return ids
+    return [i for i in ids if i not in running], ids[-RUNNING:]
 
 
-def measure_throughput(base: str, ids: list[str], seconds: int) -> dict[str, float]:
+def measure_throughput(
+    base: str, ids: list[str], seconds: int, connections: int
+) -> dict[str, float]:
     """wrk over GET /api/v1/jobs/<random id>: requests/s and p50/p99 latency in ms."""
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -212,7 +221,7 @@ def measure_throughput(base: str, ids: list[str], seconds: int) -> dict[str, flo
         [
             wrk,
             "-t2",
-            "-c16",
+            f"-c{connections}",
             f"-d{seconds}s",
             "--latency",
             "-s",
@@ -248,6 +257,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--api-workers", type=int, default=2)
+    parser.add_argument("--connections", default="16,4",
+                        help="wrk's open connections, one GET run for each")  # fmt: skip
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mnistq-bench-"))
@@ -297,26 +308,37 @@ def report(
 ) -> None:
     wait_warm(log, 1)  # the worker's first child: up, warm and idle
     lat = measure_latency(base, args.samples, log)
-    print(
-        f"submit→running, idle warm worker, Redis ({len(lat)} jobs): "
-        f"p50 {1000 * statistics.median(lat):.0f} ms, p95 {1000 * percentile(lat, 0.95):.0f} ms"
-    )
+    if lat:
+        print(
+            f"submit→running, idle warm worker, Redis ({len(lat)} jobs): p50 "
+            f"{1000 * statistics.median(lat):.0f} ms, p95 {1000 * percentile(lat, 0.95):.0f} ms"
+        )
     ratios = []
     for pair in range(1, args.pairs + 1):
         system, local = measure_job_wall(base, env, {"n_epochs": 1}, log)
         ratios.append(system / local)
         print(f"1-epoch job, pair {pair}: through the system {system:.2f} s, "
               f"`mnistq train` {local:.2f} s, ratio {system / local:.3f}", flush=True)  # fmt: skip
-    print(f"1-epoch job wall time ratio, median of {len(ratios)} pairs: "
-          f"{statistics.median(ratios):.3f}")  # fmt: skip
+    if ratios:
+        print(f"1-epoch job wall time ratio, median of {len(ratios)} pairs: "
+              f"{statistics.median(ratios):.3f}")  # fmt: skip
 
-    ids = seed_jobs(database_url, args.jobs)
-    tput = measure_throughput(base, ids, args.seconds)
-    print(
-        f"GET /api/v1/jobs/<id> with {args.jobs} jobs in PostgreSQL, {args.api_workers} "
-        f"gunicorn workers ({api_worker_class(base)}): {tput['rps']:.0f} requests/s, "
-        f"p50 {tput['p50_ms']:.1f} ms, p99 {tput['p99_ms']:.1f} ms, non-2xx {int(tput['errors'])}"
+    ids, running = seed_jobs(database_url, args.jobs)
+    server = f"{args.jobs} jobs in PostgreSQL, {args.api_workers} gunicorn workers " + (
+        api_worker_class(base)
     )
+    # A poller asks for the same jobs again and again: the figures are the steady state, after
+    # a first pass over the ids (which fills each API process's finished-job answers).
+    measure_throughput(base, ids, 3, 8)
+    runs = {}
+    for connections in (int(c) for c in args.connections.split(",")):
+        for name, chosen in (("finished", ids), ("running", running)):
+            tput = runs[f"{name}_c{connections}"] = measure_throughput(
+                base, chosen, args.seconds, connections
+            )
+            kept = "" if name == "finished" else ", never kept"
+            print(f"GET /api/v1/jobs/<id> of {name} jobs{kept}, {server}, wrk -c{connections}: "
+                  f"{rate(tput)}", flush=True)  # fmt: skip
     first = HTTP.get(f"{base}/api/v1/jobs/{ids[0]}", timeout=10)
     tag = {"If-None-Match": first.headers["ETag"]}
     again = HTTP.get(f"{base}/api/v1/jobs/{ids[0]}", headers=tag, timeout=10)
@@ -325,15 +347,20 @@ def report(
     print(
         json.dumps(
             {
-                "latency_p50_s": statistics.median(lat),
-                "latency_p95_s": percentile(lat, 0.95),
-                "wall_ratio": statistics.median(ratios),
+                "latency_p50_s": statistics.median(lat) if lat else None,
+                "latency_p95_s": percentile(lat, 0.95) if lat else None,
+                "wall_ratio": statistics.median(ratios) if ratios else None,
                 "wall_ratios": ratios,
                 "conditional_status": again.status_code,
-                **tput,
+                **runs,
             }
         )
     )
+
+
+def rate(tput: dict[str, float]) -> str:
+    return (f"{tput['rps']:.0f} requests/s, p50 {tput['p50_ms']:.1f} ms, "
+            f"p99 {tput['p99_ms']:.1f} ms, non-2xx {int(tput['errors'])}")  # fmt: skip
 
 
 def api_worker_class(base: str) -> str:
@@ -341,8 +368,12 @@ def api_worker_class(base: str) -> str:
     out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     port = base.rsplit(":", 1)[1]
     line = next((x for x in out.splitlines() if "gunicorn" in x and f":{port}" in x), "")
+    if "python:api.serving" in line:
+        from api.serving import worker_class
+
+        return f"(worker class {worker_class}, from api.serving)"
     found = re.search(r"(?:-k|--worker-class)[ =](\S+)", line)
-    return f"worker class {found.group(1)}" if found else "worker class sync (default)"
+    return f"(worker class {found.group(1) if found else 'sync, the default'})"
 
 
 if __name__ == "__main__":

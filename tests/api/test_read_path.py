@@ -9,13 +9,15 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import event
+from sqlalchemy import delete, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.answer_cache import KEY as ANSWERS_KEY
+from api.answer_cache import FinishedJobAnswers
 from api.db import ENGINE_KEY
-from shared.models import JobStatus, Worker, utcnow
+from shared.models import Job, JobStatus, Worker, utcnow
 from shared.store import LocalStore
-from tests.api.conftest import add_artifact, insert_job, insert_metrics
+from tests.api.conftest import Caller, add_artifact, client_as, insert_job, insert_metrics
 
 JOBS = "/api/v1/jobs"
 NAMES = ("model.pth", "metrics.json", "examples.png", "checkpoints/epoch-1.pt")
@@ -84,15 +86,76 @@ def _queued_jobs(sessions: sessionmaker[Session], n: int) -> None:
         insert_job(sessions, status=JobStatus.QUEUED, queue="cpu", queued_at=utcnow())
 
 
-def test_a_finished_job_costs_three_queries_and_no_token_lookup(
+def test_a_finished_job_costs_three_queries_then_one_and_no_token_lookup(
     client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore,
     statements: Statements,
 ) -> None:  # fmt: skip
     job_id = _finished_job(sessions, store)
-    sent = statements.during(client, f"{JOBS}/{job_id}")
+    url = f"{JOBS}/{job_id}"
+    first = client.get(url)
     # The job, its artifacts, its test results; the token came from the cache.
-    assert len(sent) == 3, sent
-    assert not any("api_token" in s or "user_account" in s for s in sent)
+    statements.sent.clear()
+    assert client_as_fresh_process(client, url) == first.data
+    assert len(statements.sent) == 3, statements.sent
+    # Then the kept answer: one look at the row says it is still there and finished.
+    statements.sent.clear()
+    again = client.get(url)
+    assert again.data == first.data and again.headers["ETag"] == first.headers["ETag"]
+    assert len(statements.sent) == 1, statements.sent
+    assert not any("api_token" in s or "user_account" in s for s in statements.sent)
+
+
+def client_as_fresh_process(client: FlaskClient, url: str) -> bytes:
+    """The answer to a GET with no answers kept, as a new API process would give it."""
+    answers: FinishedJobAnswers = client.application.extensions[ANSWERS_KEY]
+    answers.forget(url.rsplit("/", 1)[1])
+    return client.get(url).data
+
+
+def test_a_kept_answer_is_the_owners_only_and_gone_with_the_row(
+    app: Flask, sessions: sessionmaker[Session], alice: Caller, bob: Caller
+) -> None:
+    job_id = insert_job(sessions, status=JobStatus.SUCCEEDED, owner_id=alice.id,
+                        finished_at=utcnow())  # fmt: skip
+    url = f"{JOBS}/{job_id}"
+    as_alice, as_bob = client_as(app, alice), client_as(app, bob)
+    assert as_alice.get(url).status_code == 200
+    assert as_alice.get(url).status_code == 200  # from the kept answer
+    assert as_bob.get(url).status_code == 404
+    with sessions() as session, session.begin():
+        session.execute(delete(Job).where(Job.id == job_id))
+    assert as_alice.get(url).status_code == 404
+
+
+def test_a_running_job_is_never_kept_and_a_finished_one_only_as_it_finished(
+    client: FlaskClient, sessions: sessionmaker[Session], statements: Statements
+) -> None:
+    job_id = insert_job(sessions, status=JobStatus.RUNNING)
+    url = f"{JOBS}/{job_id}"
+    client.get(url)
+    assert len(statements.during(client, url)) == 3  # every GET reads the job afresh
+    with sessions() as session, session.begin():
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.status, job.finished_at = JobStatus.FAILED, utcnow()
+    assert client.get(url).get_json()["status"] == "failed"
+    # Were the row to change all the same, the kept answer is not used.
+    with sessions() as session, session.begin():
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.status = JobStatus.SUCCEEDED
+    assert client.get(url).get_json()["status"] == "succeeded"
+
+
+def test_at_most_size_answers_are_kept_the_least_recently_used_let_go(
+    client: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    answers: FinishedJobAnswers = client.application.extensions[ANSWERS_KEY]
+    answers.size = 2
+    first, second, third = (insert_job(sessions, status=JobStatus.SUCCEEDED) for _ in range(3))
+    for job_id in (first, second, first, third):
+        assert client.get(f"{JOBS}/{job_id}").status_code == 200
+    assert list(answers._answers) == [first, third]
 
 
 def test_a_queued_job_adds_only_its_position_and_the_live_workers(
