@@ -1,8 +1,9 @@
 """The webhook sender: a periodic duty that posts due deliveries, signed (Standard Webhooks).
 
-Runs in every worker's main process (worker/maintenance.py DUTIES); each delivery is leased
-to one sender while it posts (shared/webhooks.py), so any number may run. Posts go out a
-few at a time with a short timeout, so a slow receiver delays the other duties by seconds.
+Runs in every worker's main process, in a maintenance lane of its own (worker/maintenance.py
+LANES), so a slow receiver delays only other posts, never the reaper; each delivery is
+leased to one sender while it posts (shared/webhooks.py), so any number may run. Posts go
+out a few at a time with a short timeout.
 """
 
 from __future__ import annotations
