@@ -20,8 +20,8 @@ from werkzeug.exceptions import (
 
 from shared.artifacts import ArtifactNotFound, InvalidArtifactName
 from shared.celery_app import BrokerUnavailable
+from shared.idempotency import IdempotencyKeyReused
 from shared.jobs import (
-    IdempotencyKeyReused,
     InvalidCursor,
     InvalidJobRequest,
     JobConflict,
@@ -29,7 +29,7 @@ from shared.jobs import (
     TooManyQueuedJobs,
 )
 from shared.store import StoreUnavailable
-from shared.sweeps import SweepConflict, SweepKeyReused, SweepNotFound
+from shared.sweeps import SweepConflict, SweepNotFound
 from shared.webhooks import InvalidWebhookUrl, WebhookNotFound
 from shared.workers import WorkerNotFound
 
@@ -188,7 +188,6 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(InvalidArtifactName, _simple(400, "invalid_artifact_name"))
     app.register_error_handler(JobConflict, _simple(409, "job_state_conflict"))
     app.register_error_handler(IdempotencyKeyReused, _simple(422, "idempotency_key_reused"))
-    app.register_error_handler(SweepKeyReused, _simple(422, "idempotency_key_reused"))
     app.register_error_handler(SweepNotFound, _simple(404, "sweep_not_found"))
     app.register_error_handler(SweepConflict, _simple(409, "sweep_state_conflict"))
     app.register_error_handler(TooManyQueuedJobs, _queue_full)

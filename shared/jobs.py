@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import math
 import re
@@ -14,12 +13,12 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Select, and_, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared import events
+from shared import events, idempotency
 from shared.artifacts import ArtifactNotFound, validate_name
 from shared.celery_app import queue_for_device
+from shared.idempotency import request_digest, scoped_key
 from shared.models import Artifact, Job, JobStatus, Metric, utcnow
 from shared.schemas import JOB_ID_PATTERN, JobCreate
 
@@ -35,10 +34,6 @@ class JobNotFound(LookupError):
 
 class JobConflict(Exception):
     """The job is in a state that does not allow the request, e.g. cancelling a finished job."""
-
-
-class IdempotencyKeyReused(Exception):
-    """An Idempotency-Key already used for a request with a different body."""
 
 
 class TooManyQueuedJobs(Exception):
@@ -65,12 +60,6 @@ class InvalidJobRequest(ValueError):
         self.errors = [FieldError(loc, msg)]
 
 
-def request_digest(body: JobCreate) -> str:
-    """sha256 of the validated request, the same for equal requests whatever their key order."""
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
 def get_job(session: Session, job_id: str, *, owner_id: int | None = None) -> Job:
     """The job ``job_id``; JobNotFound if there is none (or the id could not be one).
 
@@ -82,13 +71,6 @@ def get_job(session: Session, job_id: str, *, owner_id: int | None = None) -> Jo
     if job is None or (owner_id is not None and job.owner_id != owner_id):
         raise JobNotFound(f"no job with id {job_id!r}")
     return job
-
-
-def scoped_key(key: str, owner_id: int | None) -> str:
-    """The stored form of an Idempotency-Key: sha256 of owner and key, so keys are per user."""
-    if owner_id is None:
-        return key
-    return hashlib.sha256(f"{owner_id}:{key}".encode()).hexdigest()
 
 
 def create_job(
@@ -106,28 +88,15 @@ def create_job(
     resumes only from the owner's jobs. ``max_queued`` caps the owner's queued jobs
     (TooManyQueuedJobs); a replay is never refused by it.
     """
-    digest = request_digest(body)
-    key = None if idempotency_key is None else scoped_key(idempotency_key, owner_id)
-    if key is not None:
-        earlier = _by_key(session, key)
-        if earlier is not None:
-            return _replay(earlier, digest), False
+    digest, key = request_digest(body), scoped_key(idempotency_key, owner_id)
+    if (replayed := idempotency.earlier(session, Job, key, digest)) is not None:
+        return replayed, False
     resume_epoch = _resume_epoch(session, body, None if sees_all else owner_id)
     if max_queued is not None and owner_id is not None:
         _check_queue_room(session, owner_id, max_queued)
     job = new_job(body, resume_epoch, key, digest)
     job.owner_id = owner_id
-    session.add(job)
-    try:
-        session.commit()
-    except IntegrityError:
-        # Two requests with the same key raced; the other one's row won.
-        session.rollback()
-        earlier = _by_key(session, key) if key else None
-        if earlier is None:
-            raise
-        return _replay(earlier, digest), False
-    return job, True
+    return idempotency.store(session, job, key, digest)
 
 
 def new_job(
@@ -162,18 +131,6 @@ def _check_queue_room(session: Session, owner_id: int, max_queued: int) -> None:
             f"you have {queued} queued jobs, the most a user may have; "
             "wait for some to start or cancel some"
         )
-
-
-def _by_key(session: Session, key: str) -> Job | None:
-    return session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
-
-
-def _replay(earlier: Job, digest: str) -> Job:
-    if earlier.request_hash != digest:
-        raise IdempotencyKeyReused(
-            f"Idempotency-Key was already used for job {earlier.id} with a different body"
-        )
-    return earlier
 
 
 def checkpoint_epochs(session: Session, job_id: str) -> list[int]:

@@ -6,8 +6,6 @@ controller (``worker.sweeper``) adds trials under the sweep's lease (``shared.sw
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -16,10 +14,11 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.jobs import FieldError, InvalidJobRequest, Loc, scoped_key
+from shared import idempotency
+from shared.idempotency import request_digest, scoped_key
+from shared.jobs import FieldError, InvalidJobRequest, Loc
 from shared.lease import _changed_one
 from shared.models import Job, JobStatus, Metric, Sweep, SweepStatus, utcnow
 from shared.schemas import JOB_ID_PATTERN, Hyperparameters
@@ -36,10 +35,6 @@ class SweepNotFound(LookupError):
 
 class SweepConflict(Exception):
     """The sweep's state does not allow the request, e.g. cancelling a finished sweep."""
-
-
-class SweepKeyReused(Exception):
-    """An Idempotency-Key already used for a sweep with a different body."""
 
 
 class InvalidSweepRequest(InvalidJobRequest):
@@ -142,20 +137,13 @@ def resolved_max_trials(body: SweepCreate) -> int:
 # --- create, look up, list, cancel ---------------------------------------------------------
 
 
-def sweep_digest(body: SweepCreate) -> str:
-    """sha256 of the validated request, the same for equal requests whatever their key order."""
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
 def create_sweep(
     session: Session, body: SweepCreate, *, idempotency_key: str | None, owner_id: int | None
 ) -> tuple[Sweep, bool]:
     """Validate and store a running sweep; (sweep, True), or (earlier sweep, False) on a replay."""
-    digest = sweep_digest(body)
-    key = None if idempotency_key is None else scoped_key(idempotency_key, owner_id)
-    if key is not None and (earlier := _by_key(session, key)) is not None:
-        return _replay(earlier, digest), False
+    digest, key = request_digest(body), scoped_key(idempotency_key, owner_id)
+    if (replayed := idempotency.earlier(session, Sweep, key, digest)) is not None:
+        return replayed, False
     max_trials = check_space(body)
     sweep = Sweep(
         name=body.name,
@@ -169,28 +157,7 @@ def create_sweep(
         idempotency_key=key,
         request_hash=digest,
     )
-    session.add(sweep)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()  # two requests with the same key raced; the other one's row won
-        earlier = _by_key(session, key) if key else None
-        if earlier is None:
-            raise
-        return _replay(earlier, digest), False
-    return sweep, True
-
-
-def _by_key(session: Session, key: str) -> Sweep | None:
-    return session.scalars(select(Sweep).where(Sweep.idempotency_key == key)).one_or_none()
-
-
-def _replay(earlier: Sweep, digest: str) -> Sweep:
-    if earlier.request_hash != digest:
-        raise SweepKeyReused(
-            f"Idempotency-Key was already used for sweep {earlier.id} with a different body"
-        )
-    return earlier
+    return idempotency.store(session, sweep, key, digest)
 
 
 def get_sweep(session: Session, sweep_id: str, *, owner_id: int | None = None) -> Sweep:
