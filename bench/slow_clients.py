@@ -28,17 +28,15 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import requests
-from sqlalchemy import create_engine, text
+from service_overhead import free_port, fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 BACKLOG = 1000  # log lines of the job before the streams open
 SETUPS = {
     "sync x2 (before)": ["--workers", "2"],
@@ -46,29 +44,14 @@ SETUPS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
-def fresh_database() -> Iterator[str]:
+def migrated_database() -> Iterator[str]:
     """A new, migrated PostgreSQL database for this run, dropped at the end."""
     from shared.migrate import upgrade
 
-    name = f"mnistq_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    try:
+    with fresh_database() as url:
         upgrade(url)
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextmanager
@@ -242,7 +225,7 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=100)
     parser.add_argument("--backlog", type=int, default=BACKLOG, help="log lines to replay")
     args = parser.parse_args()
-    with fresh_database() as url, tempfile.TemporaryDirectory() as var:
+    with migrated_database() as url, tempfile.TemporaryDirectory() as var:
         env = {**os.environ, "MNISTQ_DATABASE_URL": url, "MNISTQ_VAR_DIR": var,
                "MNISTQ_BROKER_URL": "redis://127.0.0.1:6379/14"}  # fmt: skip
         for n, (name, argv) in enumerate(SETUPS.items()):
