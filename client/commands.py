@@ -27,6 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Exit statuses of `watch` (and `submit --watch`) beyond click's 1 (error) and 2 (usage).
 EXIT_FAILED = 3
 EXIT_CANCELLED = 4
+EXIT_CODES = {"failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED, "pruned": EXIT_CANCELLED}
 BIG_FILE_BYTES = 1 << 20  # downloads from this size on get a progress bar
 
 
@@ -280,10 +281,13 @@ def _watch(client: Client, job_id: str, poll: float = 0.5) -> None:
     finally:
         watcher.close()
     click.echo(final_line(job))
-    if job.status == "failed":
-        sys.exit(EXIT_FAILED)
-    if job.status in ("cancelled", "pruned"):
-        sys.exit(EXIT_CANCELLED)
+    exit_as(job.status)
+
+
+def exit_as(status: str) -> None:
+    """End a watch with the exit status of how the job or sweep ended (0: succeeded)."""
+    if status in EXIT_CODES:
+        sys.exit(EXIT_CODES[status])
 
 
 @click.command("watch")

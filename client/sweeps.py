@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from datetime import UTC
 from pathlib import Path
 from typing import Any, get_args
@@ -11,7 +10,7 @@ from typing import Any, get_args
 import click
 
 from client.api import Client, Sweep, Trial
-from client.commands import EXIT_CANCELLED, EXIT_FAILED, server_command, table
+from client.commands import exit_as, server_command, table
 from shared.sweep_schemas import SweepStatusName
 
 
@@ -141,10 +140,7 @@ def _watch(client: Client, sweep_id: str, poll: float = 2.0) -> None:
     sweep = client.wait_sweep(sweep_id, on_update=update, poll=poll)
     click.echo(summary(sweep))
     click.echo(trials_table(sweep, client.sweep_trials(sweep_id)))
-    if sweep.status == "failed":
-        sys.exit(EXIT_FAILED)
-    if sweep.status == "cancelled":
-        sys.exit(EXIT_CANCELLED)
+    exit_as(sweep.status)
 
 
 @sweep_group.command("watch")
