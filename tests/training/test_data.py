@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from worker.training import data
 from worker.training.data import MnistNotFound, MnistSplit, load_split
 
 
@@ -59,3 +62,52 @@ def test_a_loaded_split_is_copied_to_the_gpu_once(mnist_test: MnistSplit) -> Non
     assert on_gpu.images.device == device and on_gpu.to(device) is on_gpu
     assert mnist_test.to(device) is on_gpu
     assert torch.equal(on_gpu.images.cpu(), mnist_test.images)
+
+
+@pytest.fixture
+def cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The normalized-split cache in a folder of the test's own."""
+    root = tmp_path / "cache"
+    monkeypatch.setattr(data, "CACHE_ROOT", root)
+    return root
+
+
+@pytest.fixture
+def own_mnist(tmp_path: Path, mnist_dir: Path) -> Path:
+    """A data folder holding a copy of the real MNIST raw files (torchvision wants all four)."""
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in (*data.RAW_FILES[True], *data.RAW_FILES[False]):
+        shutil.copy2(mnist_dir / "MNIST" / "raw" / name, raw / name)
+    return tmp_path / "data"
+
+
+@pytest.mark.mnist
+def test_a_split_read_once_is_cached_on_disk_and_mapped_by_later_processes(
+    own_mnist: Path, cache_root: Path, mnist_test: MnistSplit
+) -> None:
+    first = data._read_split(own_mnist, train=False, download=False)
+    [cached] = cache_root.glob("test-*.pt")
+    again = data._read_split(own_mnist, train=False, download=False)
+    for split in (first, again):
+        assert torch.equal(split.images, mnist_test.images)
+        assert torch.equal(split.labels, mnist_test.labels)
+    # Mapped from the file, not read anew.
+    assert str(cached) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.mnist
+def test_changed_raw_files_or_a_damaged_cache_are_read_again(
+    own_mnist: Path, cache_root: Path, mnist_test: MnistSplit
+) -> None:
+    data._read_split(own_mnist, train=False, download=False)
+    [old] = cache_root.glob("test-*.pt")
+    labels = own_mnist / "MNIST" / "raw" / data.RAW_FILES[False][1]
+    os.utime(labels, ns=(labels.stat().st_atime_ns, labels.stat().st_mtime_ns + 10**9))
+    data._read_split(own_mnist, train=False, download=False)
+    assert len(list(cache_root.glob("test-*.pt"))) == 2  # a new key for the new files
+    [new] = set(cache_root.glob("test-*.pt")) - {old}
+    new.write_bytes(b"not a tensor file")
+    split = data._read_split(own_mnist, train=False, download=False)
+    assert torch.equal(split.images, mnist_test.images)
+    assert torch.load(new, weights_only=True)["labels"].shape == (10000,)  # written anew
