@@ -111,3 +111,14 @@ def test_changed_raw_files_or_a_damaged_cache_are_read_again(
     split = data._read_split(own_mnist, train=False, download=False)
     assert torch.equal(split.images, mnist_test.images)
     assert torch.load(new, weights_only=True)["labels"].shape == (10000,)  # written anew
+
+
+@pytest.mark.mnist
+def test_a_cache_folder_others_can_write_to_is_not_used(
+    own_mnist: Path, cache_root: Path, mnist_test: MnistSplit
+) -> None:
+    cache_root.mkdir()
+    cache_root.chmod(0o777)  # someone else could have put their own tensors there
+    split = data._read_split(own_mnist, train=False, download=False)
+    assert torch.equal(split.images, mnist_test.images)
+    assert list(cache_root.iterdir()) == []

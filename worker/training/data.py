@@ -84,7 +84,7 @@ def load_split(data_dir: Path, *, train: bool, download: bool = True) -> MnistSp
 
 def _read_split(root: Path, *, train: bool, download: bool) -> MnistSplit:
     cached = _cache_file(root, train)
-    if cached is not None and cached.exists():
+    if cached is not None and cached.exists() and _ours(cached.parent):
         try:
             saved = torch.load(cached, mmap=True, weights_only=True)
             return MnistSplit(saved["images"], saved["labels"])
@@ -123,13 +123,22 @@ def _cache_file(root: Path, train: bool) -> Path | None:
     return folder / name
 
 
+def _ours(folder: Path) -> bool:
+    """Whether only this user can write to ``folder`` (it sits in a shared temporary folder)."""
+    info = folder.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
 def _write_cache(path: Path | None, split: MnistSplit) -> None:
     """Save ``split`` to ``path`` whole or not at all (a temporary file, then a rename)."""
     if path is None:
         return
     tmp: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _ours(path.parent):
+            logger.warning("MNIST cache folder %s is not this user's alone: not used", path.parent)
+            return
         fd, name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         tmp = Path(name)
         with os.fdopen(fd, "wb") as out:
