@@ -35,19 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from service_overhead import (
-    BIN,
-    HTTP,
-    REDIS_DB,
-    admin_token,
-    bench_env,
-    free_port,
     fresh_database,
     percentile,
     poll_until,
-    start,
-    stop,
+    stack,
     submit,
-    wait_healthy,
 )
 
 QUEUED = 1_000
@@ -198,34 +190,16 @@ def measure(database_url: str, work: Path, seeded: Seeded, samples: int) -> dict
 
 def dispatch(tiny_jobs: int, slots: int) -> dict[str, float]:
     """Tiny jobs end to end with ``slots`` slots: jobs/min, and seconds per job beyond its run."""
-    import subprocess
-
     work = Path(f"/tmp/mnistq-scale-{uuid.uuid4().hex[:6]}")
     work.mkdir(parents=True)
-    with fresh_database() as database_url:
-        env = {**bench_env(database_url, work), "MNISTQ_MAX_TRAIN_BATCHES": "1"}
-        subprocess.run(["redis-cli", "-n", str(REDIS_DB), "FLUSHDB"], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
-        HTTP.headers["Authorization"] = f"Bearer {admin_token(env)}"
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        mnistq = str(BIN / "mnistq")
-        api = start([mnistq, "api", "--host", "127.0.0.1", "--port", str(port)], env,
-                    work / "api.log")  # fmt: skip
-        worker = start([mnistq, "worker", "--queues", "cpu", "--concurrency", str(slots)], env,
-                       work / "worker.log")  # fmt: skip
-        try:
-            wait_healthy(base)
-            # One job first: the worker is up and both children have warmed at least once.
-            poll_until(base, submit(base, {"n_epochs": 1}), {"succeeded"}, 0.1, timeout=300)
-            time.sleep(15)
-            t0 = time.perf_counter()
-            ids = [submit(base, {"n_epochs": 1}) for _ in range(tiny_jobs)]
-            jobs = [poll_until(base, i, {"succeeded", "failed"}, 0.1, timeout=900) for i in ids]
-            wall = time.perf_counter() - t0
-        finally:
-            stop(worker)
-            stop(api)
+    with stack(work, slots=slots, extra_env={"MNISTQ_MAX_TRAIN_BATCHES": "1"}) as (base, _, _):
+        # One job first: the worker is up and both children have warmed at least once.
+        poll_until(base, submit(base, {"n_epochs": 1}), {"succeeded"}, 0.1, timeout=300)
+        time.sleep(15)
+        t0 = time.perf_counter()
+        ids = [submit(base, {"n_epochs": 1}) for _ in range(tiny_jobs)]
+        jobs = [poll_until(base, i, {"succeeded", "failed"}, 0.1, timeout=900) for i in ids]
+        wall = time.perf_counter() - t0
     runs = [_seconds(j["finished_at"]) - _seconds(j["started_at"]) for j in jobs]
     per_slot = slots * wall / tiny_jobs
     return {

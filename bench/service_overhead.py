@@ -262,8 +262,19 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mnistq-bench-"))
+    with stack(work, api_workers=args.api_workers, slots=1) as (base, env, database_url):
+        report(base, env, database_url, args, work / "worker.log")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def stack(
+    work: Path, *, api_workers: int = 2, slots: int = 1, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, dict[str, str], str]]:
+    """`mnistq api` and `mnistq worker` on a fresh database and an empty Redis db, logging
+    into ``work``, with an admin token in HTTP; yields (base URL, environment, database URL)."""
     with fresh_database() as database_url:
-        env = bench_env(database_url, work)
+        env = {**bench_env(database_url, work), **(extra_env or {})}
         subprocess.run(["redis-cli", "-n", str(REDIS_DB), "FLUSHDB"], check=True,
                        stdout=subprocess.DEVNULL)  # fmt: skip
         HTTP.headers["Authorization"] = f"Bearer {admin_token(env)}"
@@ -271,16 +282,15 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         mnistq = str(BIN / "mnistq")
         api = start([mnistq, "api", "--host", "127.0.0.1", "--port", str(port),
-                     "--workers", str(args.api_workers)], env, work / "api.log")  # fmt: skip
-        worker = start([mnistq, "worker", "--queues", "cpu", "--concurrency", "1"],
+                     "--workers", str(api_workers)], env, work / "api.log")  # fmt: skip
+        worker = start([mnistq, "worker", "--queues", "cpu", "--concurrency", str(slots)],
                        env, work / "worker.log")  # fmt: skip
         try:
             wait_healthy(base)
-            report(base, env, database_url, args, work / "worker.log")
+            yield base, env, database_url
         finally:
             stop(worker)
             stop(api)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def bench_env(database_url: str, work: Path) -> dict[str, str]:
