@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from shared.lease import as_utc
 from shared.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
 from shared.webhooks import Try
 from tests.api.conftest import Caller, client_as, insert_job, make_settings
+from tests.webhook_receiver import Receiver, receiving
 from worker.webhooks import post, retry_after_of
 
 SUBSCRIBED = ["job.succeeded", "job.failed", "job.cancelled"]
@@ -185,29 +184,10 @@ def test_retry_after_reads_seconds(value: str | None, seconds: int | None) -> No
     assert (wait.total_seconds() if wait else None) == seconds
 
 
-class Receiver(BaseHTTPRequestHandler):
-    """Records each post; answers with the codes queued in ``answers`` (then 204)."""
-
-    got: list[tuple[dict[str, str], bytes]] = []
-    answers: list[int] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).got.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(self.answers.pop(0) if self.answers else 204)
-        self.end_headers()
-
-    def log_message(self, *_: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def receiver() -> Iterator[str]:
-    Receiver.got, Receiver.answers = [], []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
-    server.shutdown()
+    with receiving(default_status=204) as url:
+        yield url
 
 
 def test_a_post_is_signed_as_standard_webhooks_verify(

@@ -12,12 +12,10 @@ import itertools
 import os
 import re
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -32,6 +30,7 @@ from shared.config import Settings
 from shared.models import Artifact, Job, Metric
 from tests.integration.conftest import RedisServer, engine_and_factory
 from tests.integration.stack import Api, Process, stack_env
+from tests.webhook_receiver import Receiver, receiving
 
 pytestmark = [pytest.mark.integration, pytest.mark.mnist]
 
@@ -724,30 +723,11 @@ def test_metrics_parse_and_count_jobs_as_the_database_does(
     assert sum(s.value for s in polls) >= 3
 
 
-class Receiver(BaseHTTPRequestHandler):
-    """A webhook receiver: records each post, answers the codes queued in ``answers``."""
-
-    got: ClassVar[list[tuple[dict[str, str], bytes]]] = []
-    answers: ClassVar[list[int]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        Receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(Receiver.answers.pop(0) if Receiver.answers else 200)
-        self.end_headers()
-
-    def log_message(self, *_: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def receiver() -> Iterator[str]:
     """A receiver on loopback, its records empty; yields its URL."""
-    Receiver.got, Receiver.answers = [], []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
-    server.shutdown()
+    with receiving() as url:
+        yield url
 
 
 def wait_posts(count: int, timeout: float = 30) -> list[tuple[dict[str, str], bytes]]:

@@ -1,0 +1,45 @@
+"""A real webhook receiver on loopback for the tests: records each post, answers as told."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+
+
+class Receiver(BaseHTTPRequestHandler):
+    """Records each post (lower-cased headers, body, arrival time), waits ``hold_seconds``,
+    then answers the next code queued in ``answers``, or ``default_status``."""
+
+    got: ClassVar[list[tuple[dict[str, str], bytes]]] = []
+    arrived: ClassVar[list[float]] = []  # time.monotonic() of each post
+    answers: ClassVar[list[int]] = []
+    default_status: ClassVar[int] = 200
+    hold_seconds: ClassVar[float] = 0.0
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        Receiver.arrived.append(time.monotonic())
+        time.sleep(Receiver.hold_seconds)
+        self.send_response(Receiver.answers.pop(0) if Receiver.answers else self.default_status)
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@contextmanager
+def receiving(*, default_status: int = 200, hold_seconds: float = 0.0) -> Iterator[str]:
+    """A receiver with empty records until the block ends; yields its URL."""
+    Receiver.got, Receiver.arrived, Receiver.answers = [], [], []
+    Receiver.default_status, Receiver.hold_seconds = default_status, hold_seconds
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    finally:
+        server.shutdown()
