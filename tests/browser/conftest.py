@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,13 +59,22 @@ def console() -> Console:
 @pytest.fixture(scope="module")
 def page(browser: Browser, stack: Stack, console: Console) -> Iterator[Page]:
     """One browser tab on the stack's API, kept across the module's steps like a person's."""
+    with open_tab(browser, stack, console) as tab:
+        yield tab
+
+
+@contextmanager
+def open_tab(browser: Browser, stack: Stack, console: Console) -> Iterator[Page]:
+    """A tab in a browser context of its own on the stack's API, its console watched."""
     context = browser.new_context(base_url=stack.api.base, accept_downloads=True)
     tab = context.new_page()
     tab.set_default_timeout(15_000)
     tab.on("console", console.on_console)
     tab.on("pageerror", console.on_page_error)
-    yield tab
-    context.close()
+    try:
+        yield tab
+    finally:
+        context.close()
 
 
 @pytest.fixture(autouse=True)

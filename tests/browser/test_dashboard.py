@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.browser.conftest import Console
+from tests.browser.conftest import Console, open_tab
 from tests.integration.test_worker import ACCURATE, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.mnist]
@@ -33,13 +33,8 @@ def admin_token(stack: Stack) -> str:
 @pytest.fixture
 def fresh_page(browser: Browser, stack: Stack, console: Console) -> Iterator[Page]:
     """A tab in a browser context of its own: no session, whatever ran before."""
-    context = browser.new_context(base_url=stack.api.base)
-    tab = context.new_page()
-    tab.set_default_timeout(15_000)
-    tab.on("console", console.on_console)
-    tab.on("pageerror", console.on_page_error)
-    yield tab
-    context.close()
+    with open_tab(browser, stack, console) as tab:
+        yield tab
 
 
 @pytest.fixture(scope="module")
