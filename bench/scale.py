@@ -235,7 +235,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=2)
     args = parser.parse_args()
     rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in (int(s) for s in args.sizes.split(",") if s):
         work = Path(f"/tmp/mnistq-scale-{uuid.uuid4().hex[:6]}")
         with fresh_database() as database_url:
             from shared.migrate import upgrade
@@ -245,7 +245,8 @@ def main() -> None:
             seeded = seed(database_url, size)
             print(f"{size} jobs seeded by COPY in {time.perf_counter() - t0:.1f} s", flush=True)
             rows.append((size, measure(database_url, work, seeded, args.samples)))
-    print_table(rows)
+    if rows:
+        print_table(rows)
     if args.tiny_jobs:
         tiny = dispatch(args.tiny_jobs, args.slots)
         print(

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery.signals import (
@@ -103,8 +104,9 @@ def _child_started(**_: Any) -> None:
         warm_up_in_background(_prepare_child)
 
 
-def _prepare_child() -> None:
-    """While this child waits for its one job: the database, torch, MNIST, a first fit."""
+def _prepare_child(job_waiting: Callable[[], bool]) -> None:
+    """While this child waits for its one job: the database, torch, MNIST, a first fit (cut
+    short once ``job_waiting()``)."""
     # Imported here, in the child: the prefork parent never loads torch.
     import torch
 
@@ -114,7 +116,7 @@ def _prepare_child() -> None:
         session.connection()  # the claim finds a connection open
     cuda = GPU_QUEUE in app.amqp.queues.consume_from and torch.cuda.is_available()
     warm_up(settings.data_dir, threads=context.threads or settings.train_threads,
-            download=settings.download_mnist, cuda=cuda)  # fmt: skip
+            download=settings.download_mnist, cuda=cuda, job_waiting=job_waiting)  # fmt: skip
 
 
 @worker_ready.connect

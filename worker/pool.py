@@ -21,10 +21,13 @@ WARM_UP_TIMEOUT_SECONDS = 300.0
 
 # Logged by a child once warm; bench/service_overhead.py waits for it to measure a warm worker.
 WARM_MESSAGE = "pool child %d warmed up in %.1f s"
+CUT_SHORT_MESSAGE = "pool child %d: its job arrived after %.1f s of warming up, which it cut short"
 
 # Set in a child once its warm-up is over (or when it has none): its task may claim.
 _warm = threading.Event()
 _warm.set()
+# Set when the child's task has arrived and waits: the warm-up does only what the job needs.
+_job_waiting = threading.Event()
 
 
 class PromptAsynPool(AsynPool):
@@ -44,19 +47,26 @@ class JobPool(TaskPool):
     Pool = PromptAsynPool
 
 
-def warm_up_in_background(prepare: Callable[[], None]) -> None:
-    """In a fresh pool child: run ``prepare`` in a thread; ``wait_until_warm`` waits for it."""
+def warm_up_in_background(prepare: Callable[[Callable[[], bool]], None]) -> None:
+    """In a fresh pool child: run ``prepare`` in a thread; ``wait_until_warm`` waits for it.
+
+    ``prepare`` is given a check that turns true once the child's job has arrived: what the
+    job needs anyway (imports, data) it finishes, what only speeds up a later job's start
+    (the kernels' first fits) it leaves for the job to pay, as a cold child's job does.
+    """
     # A thread, not the init hook itself: the parent waits only seconds for a new child to
     # report, and warming (torch, MNIST, a first fit) may take longer on a busy machine.
+    _job_waiting.clear()
     _warm.clear()
     threading.Thread(target=_run, args=(prepare,), name="warm-up", daemon=True).start()
 
 
-def _run(prepare: Callable[[], None]) -> None:
+def _run(prepare: Callable[[Callable[[], bool]], None]) -> None:
     started = time.monotonic()
     try:
-        prepare()
-        logger.info(WARM_MESSAGE, os.getpid(), time.monotonic() - started)
+        prepare(_job_waiting.is_set)
+        message = CUT_SHORT_MESSAGE if _job_waiting.is_set() else WARM_MESSAGE
+        logger.info(message, os.getpid(), time.monotonic() - started)
     except Exception:
         # The job repeats whatever failed here and fails with the reason, if it still fails.
         logger.warning("warming up this pool child failed", exc_info=True)
@@ -65,5 +75,9 @@ def _run(prepare: Callable[[], None]) -> None:
 
 
 def wait_until_warm(timeout: float = WARM_UP_TIMEOUT_SECONDS) -> bool:
-    """Block until this child's warm-up is over; False if it took longer than ``timeout``."""
+    """Say the job is here, then block until this child's warm-up is over (cut short where it
+    can be); False if it took longer than ``timeout``."""
+    # With a backlog every fresh child gets its job at once: warming up the kernels of every
+    # model first would only delay it.
+    _job_waiting.set()
     return _warm.wait(timeout)

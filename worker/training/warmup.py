@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from shared.schemas import Hyperparameters
 from worker.training.data import load_split
 from worker.training.devices import configure_threads
-from worker.training.loop import fit
+from worker.training.loop import Hooks, fit
 from worker.training.nets import FAST_CNN_SETTINGS, MODELS
 
 # Enough batches to build every kernel and buffer a step uses, with each model's shapes.
@@ -18,22 +19,38 @@ WARM_BATCHES = 2
 WARM_TEST_SAMPLES = 1000  # one test batch of the seed's size
 
 
-def warm_up(data_dir: Path, *, threads: int, download: bool, cuda: bool = False) -> None:
+def _never() -> bool:
+    return False
+
+
+def warm_up(
+    data_dir: Path,
+    *,
+    threads: int,
+    download: bool,
+    cuda: bool = False,
+    job_waiting: Callable[[], bool] = _never,
+) -> None:
     """Set up threads, read MNIST into this process's tensors and fit each model briefly.
 
     The first fit in a process pays for imports (torchvision, matplotlib), oneDNN's kernel
     set-up, the allocator's first pages and matplotlib's fonts; a job run after this one
     pays none of them. Numbers do not change: ``fit`` seeds everything it draws from.
+    Once ``job_waiting()`` is true the fits stop (at their next stop check): the job that
+    waits builds its own model's kernels sooner than the warm-up would build every model's.
     """
     configure_threads(threads)
     train = load_split(data_dir, train=True, download=download)
     test = load_split(data_dir, train=False, download=download)
     devices = [torch.device("cpu")] + ([torch.device("cuda:0")] if cuda else [])
+    hooks = Hooks(should_stop=job_waiting)
     with tempfile.TemporaryDirectory(prefix="mnistq-warm-") as out:
         for device in devices:
             for name in MODELS:
+                if job_waiting():
+                    return
                 fit(_settings(name, device), train, test, Path(out) / f"{device.type}-{name}",
-                    device=device, max_train_batches=WARM_BATCHES,
+                    device=device, hooks=hooks, max_train_batches=WARM_BATCHES,
                     max_test_samples=WARM_TEST_SAMPLES)  # fmt: skip
 
 
