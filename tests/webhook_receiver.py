@@ -12,13 +12,16 @@ from typing import Any, ClassVar
 
 class Receiver(BaseHTTPRequestHandler):
     """Records each post (lower-cased headers, body, arrival time), waits ``hold_seconds``,
-    then answers the next code queued in ``answers``, or ``default_status``."""
+    then answers the next code queued in ``answers``, or ``default_status``, with a body of
+    ``body_bytes`` (the bytes it got out before the sender hung up go in ``sent``)."""
 
     got: ClassVar[list[tuple[dict[str, str], bytes]]] = []
     arrived: ClassVar[list[float]] = []  # time.monotonic() of each post
     answers: ClassVar[list[int]] = []
     default_status: ClassVar[int] = 200
     hold_seconds: ClassVar[float] = 0.0
+    body_bytes: ClassVar[int] = 0
+    sent: ClassVar[list[int]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -26,17 +29,30 @@ class Receiver(BaseHTTPRequestHandler):
         Receiver.arrived.append(time.monotonic())
         time.sleep(Receiver.hold_seconds)
         self.send_response(Receiver.answers.pop(0) if Receiver.answers else self.default_status)
+        if Receiver.body_bytes:
+            self.send_header("Content-Length", str(Receiver.body_bytes))
         self.end_headers()
+        sent, chunk = 0, b"x" * 65536
+        try:
+            while sent < Receiver.body_bytes:
+                self.wfile.write(chunk[: Receiver.body_bytes - sent])
+                sent += min(len(chunk), Receiver.body_bytes - sent)
+        except OSError:
+            pass  # the sender hung up
+        Receiver.sent.append(sent)
 
     def log_message(self, *_: Any) -> None:
         pass
 
 
 @contextmanager
-def receiving(*, default_status: int = 200, hold_seconds: float = 0.0) -> Iterator[str]:
+def receiving(
+    *, default_status: int = 200, hold_seconds: float = 0.0, body_bytes: int = 0
+) -> Iterator[str]:
     """A receiver with empty records until the block ends; yields its URL."""
-    Receiver.got, Receiver.arrived, Receiver.answers = [], [], []
+    Receiver.got, Receiver.arrived, Receiver.answers, Receiver.sent = [], [], [], []
     Receiver.default_status, Receiver.hold_seconds = default_status, hold_seconds
+    Receiver.body_bytes = body_bytes
     server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import requests
+import urllib3
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks import Webhook
 
@@ -26,6 +27,7 @@ from shared.webhooks import InvalidWebhookUrl, Taken, Try
 
 SENDERS = 8  # posts at once, and deliveries taken per pass
 USER_AGENT = "mnistq-webhooks/1"
+ERROR_BYTES = 200  # of a refusing receiver's body, kept as the try's error; the rest is unread
 
 
 def deliver_webhooks(
@@ -60,25 +62,37 @@ def post(taken: Taken, settings: Settings) -> Try:
     }
     start = time.perf_counter()
     try:
-        # No redirects: one to an internal address would get round the URL check.
+        # No redirects: one to an internal address would get round the URL check. Streamed:
+        # only the status and headers are awaited, and at most ERROR_BYTES of a body read, so
+        # an endless or trickled answer costs neither memory nor time beyond one short read.
         response = requests.post(taken.url, data=body.encode(), headers=headers,
                                  timeout=settings.webhook_timeout_seconds,
-                                 allow_redirects=False)  # fmt: skip
+                                 allow_redirects=False, stream=True)  # fmt: skip
     except requests.RequestException as exc:
         return Try("failed", error=f"{type(exc).__name__}: {exc}"[:500], duration_ms=_ms(start))
-    return _outcome(response, _ms(start))
+    with response:  # closing drops the connection with whatever body is left unread
+        return _outcome(response, start)
 
 
-def _outcome(response: requests.Response, duration_ms: float) -> Try:
+def _outcome(response: requests.Response, start: float) -> Try:
     code = response.status_code
     if 200 <= code < 300:
-        return Try("succeeded", status_code=code, duration_ms=duration_ms)
+        return Try("succeeded", status_code=code, duration_ms=_ms(start))
     if code == 410:
-        return Try("gone", status_code=code, duration_ms=duration_ms)
+        return Try("gone", status_code=code, duration_ms=_ms(start))
     retry_after = retry_after_of(response.headers.get("Retry-After"))
-    error = response.text[:200] or response.reason
-    return Try("failed", status_code=code, error=error, duration_ms=duration_ms,
+    error = _body_head(response) or response.reason
+    return Try("failed", status_code=code, error=error, duration_ms=_ms(start),
                retry_after=retry_after)  # fmt: skip
+
+
+def _body_head(response: requests.Response) -> str:
+    """The first ERROR_BYTES of the body as text; "" when it cannot be read in time."""
+    try:
+        head = response.raw.read(ERROR_BYTES, decode_content=True)
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+        return ""
+    return bytes(head or b"").decode(response.encoding or "utf-8", errors="replace")
 
 
 def retry_after_of(value: str | None) -> timedelta | None:

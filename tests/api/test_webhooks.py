@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ from shared.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcn
 from shared.webhooks import Try
 from tests.api.conftest import Caller, client_as, insert_job, make_settings
 from tests.webhook_receiver import Receiver, receiving
-from worker.webhooks import post, retry_after_of
+from worker.webhooks import ERROR_BYTES, post, retry_after_of
 
 SUBSCRIBED = ["job.succeeded", "job.failed", "job.cancelled"]
 
@@ -204,6 +205,29 @@ def test_a_post_is_signed_as_standard_webhooks_verify(
     assert message["type"] == "webhook.test" and message == json.loads(body)
     with pytest.raises(WebhookVerificationError):
         Webhook(webhooks.new_secret()).verify(body, headers)
+
+
+@pytest.mark.parametrize("status", [500, 200])
+def test_a_huge_answer_is_not_read_past_its_first_bytes(
+    app: Flask, sessions: sessionmaker[Session], alice: Caller, settings: Settings, status: int
+) -> None:
+    huge = 2 << 30  # 2 GiB: read whole, it would take the sender's memory and many seconds
+    with receiving(default_status=status, body_bytes=huge) as url:
+        endpoint = create(client_as(app, alice), url=url)
+        client_as(app, alice).post(f"/api/v1/webhooks/{endpoint['id']}/test")
+        started = time.monotonic()
+        result = post(taken_one(sessions), settings)
+        took = time.monotonic() - started
+        deadline = time.monotonic() + 5
+        while not Receiver.sent and time.monotonic() < deadline:
+            time.sleep(0.01)  # the receiver sees the hang-up at its next write
+    assert result.status_code == status and took < settings.webhook_timeout_seconds
+    if status == 500:
+        assert result.outcome == "failed" and result.error == "x" * ERROR_BYTES
+    else:
+        assert result.outcome == "succeeded"
+    [sent] = Receiver.sent
+    assert sent < huge  # the sender hung up instead of taking it all
 
 
 def test_a_post_to_loopback_is_refused_when_private_addresses_are_not_allowed(
