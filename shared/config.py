@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         (5, 300, 1800, 7200, 18000, 36000),
         description="waits after each failed try (7 tries over about 17.5 h by default)",
     )
-    webhook_timeout_seconds: float = Field(5.0, gt=0, le=30, description="per post")
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=30, description="per post, in all")
 
     # Prometheus.
     metrics_public: bool = Field(

@@ -61,24 +61,29 @@ def new_message_id() -> str:
     return "msg_" + secrets.token_hex(16)
 
 
-def check_url(url: str, *, allow_private: bool) -> None:
-    """InvalidWebhookUrl unless ``url`` is http(s) to a host whose addresses are all public."""
+def check_url(url: str, *, allow_private: bool) -> str | None:
+    """InvalidWebhookUrl unless ``url`` is http(s) to a host whose addresses are all public;
+    the first of them, to connect to (None when private addresses are allowed: unchecked)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidWebhookUrl("must be an http:// or https:// URL with a host")
     if allow_private:
-        return
+        return None
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(parts.hostname, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         raise InvalidWebhookUrl(f"the host {parts.hostname!r} does not resolve") from exc
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+    addresses = [str(info[4][0]) for info in infos]
+    if not addresses:
+        raise InvalidWebhookUrl(f"the host {parts.hostname!r} does not resolve")
+    for found in addresses:
+        address = ipaddress.ip_address(found.split("%")[0])
         if not address.is_global or address.is_multicast:
             raise InvalidWebhookUrl(
                 f"resolves to {address}, a loopback, private or link-local address "
                 "(MNISTQ_WEBHOOK_ALLOW_PRIVATE=true allows it)"
             )
+    return addresses[0]
 
 
 def create_endpoint(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -59,3 +60,35 @@ def receiving(
         yield f"http://127.0.0.1:{server.server_address[1]}/hook"
     finally:
         server.shutdown()
+
+
+@contextmanager
+def trickling(byte_every: float = 0.2) -> Iterator[str]:
+    """A receiver that reads a post, then answers one byte every ``byte_every`` seconds (a
+    200 in the end, some minutes later); yields its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    answer = b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-pad: %d\r\n" % i for i in range(200)) + b"\r\n"
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            try:
+                for i in range(len(answer)):
+                    conn.sendall(answer[i : i + 1])
+                    time.sleep(byte_every)
+            except OSError:
+                pass  # the sender hung up
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the block ended
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+    finally:
+        listener.close()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import ssl
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +28,8 @@ from shared.lease import as_utc
 from shared.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
 from shared.webhooks import Try
 from tests.api.conftest import Caller, client_as, insert_job, make_settings
-from tests.webhook_receiver import Receiver, receiving
-from worker.webhooks import ERROR_BYTES, post, retry_after_of
+from tests.webhook_receiver import Receiver, receiving, trickling
+from worker.webhooks import ERROR_BYTES, post, retry_after_of, send
 
 SUBSCRIBED = ["job.succeeded", "job.failed", "job.cancelled"]
 
@@ -228,6 +232,48 @@ def test_a_huge_answer_is_not_read_past_its_first_bytes(
         assert result.outcome == "succeeded"
     [sent] = Receiver.sent
     assert sent < huge  # the sender hung up instead of taking it all
+
+
+def test_a_trickled_answer_is_cut_off_at_the_posts_deadline(
+    app: Flask, sessions: sessionmaker[Session], alice: Caller, settings: Settings
+) -> None:
+    quick = settings.model_copy(update={"webhook_timeout_seconds": 1.0})
+    with trickling(byte_every=0.2) as url:  # each byte well within a per-read timeout
+        endpoint = create(client_as(app, alice), url=url)
+        client_as(app, alice).post(f"/api/v1/webhooks/{endpoint['id']}/test")
+        started = time.monotonic()
+        result = post(taken_one(sessions), quick)
+        took = time.monotonic() - started
+    assert result.outcome == "failed" and "no whole answer within 1 s" in (result.error or "")
+    assert 0.9 < took < 3
+
+
+def test_a_post_goes_to_the_checked_address_under_its_own_name(receiver: str) -> None:
+    port = receiver.split(":")[2].split("/")[0]
+    # The name resolves nowhere: only the address the check passed can be reached.
+    url = f"http://hooks.example.invalid:{port}/hook?x=1"
+    answer = send(url, "127.0.0.1", b"{}", {"content-type": "application/json"}, 5)
+    assert answer.status == 204
+    [(headers, body)] = Receiver.got
+    assert headers["host"] == f"hooks.example.invalid:{port}" and body == b"{}"
+
+
+def test_a_post_over_tls_verifies_the_receivers_certificate(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)  # fmt: skip
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"https://localhost:{server.server_address[1]}/hook"
+        with pytest.raises(ssl.SSLCertVerificationError):
+            send(url, "127.0.0.1", b"{}", {}, 5)  # self-signed: no certificate we trust
+    finally:
+        server.shutdown()
 
 
 def test_a_post_to_loopback_is_refused_when_private_addresses_are_not_allowed(
