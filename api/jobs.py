@@ -22,8 +22,8 @@ from shared.jobs import (
     create_job,
     get_job,
     list_jobs,
-    mark_published,
     metric_series,
+    publish_stamped,
     request_cancel,
     set_priority,
 )
@@ -46,11 +46,9 @@ bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 def publish_job(session: Session, job: Job) -> None:
     """Tell the workers; a broker outage leaves published_at NULL for the reaper to retry."""
     try:
-        services().publish(job.id, job.queue)
+        publish_stamped(session, job.id, job.queue, services().publish)
     except BrokerUnavailable as exc:
         logger.warning("job %s stored but not published (broker down): %s", job.id, exc)
-        return
-    mark_published(session, job.id)
     session.refresh(job)
 
 

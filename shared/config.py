@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     train_threads: int = Field(
         0, ge=0, description="torch threads per job; 0 = the usable cores shared among the slots"
     )
+    train_niceness: int = Field(
+        10, ge=0, le=19,
+        description="how much lower a training process's CPU priority is than its worker's",
+    )  # fmt: skip
     download_mnist: bool = Field(True, description="let torchvision download MNIST if missing")
     max_train_batches: int | None = Field(
         None, ge=1, description="cap on training batches per epoch (smoke runs, tests)"

@@ -92,7 +92,12 @@ def _concurrency() -> int:
 
 @worker_process_init.connect
 def _child_started(**_: Any) -> None:
-    """In each pool child: fresh DB connections, its share of the cores, no early hand-back."""
+    """In each pool child: a lower CPU priority, fresh DB connections, its share of the cores,
+    no early hand-back."""
+    # First, while this is the child's only thread: every thread it starts inherits it.
+    # Training takes every core it is given; the worker's own loop, its reaper and an API on
+    # the same machine then still answer at once, and an idle machine trains as fast.
+    os.nice(settings.train_niceness)
     context.after_fork()
     context.threads = settings.threads_per_job(_concurrency())
     registry.after_fork()

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import sweep_lease
 from shared.celery_app import BrokerUnavailable
 from shared.config import Settings
-from shared.jobs import epoch_results, mark_published, new_job
+from shared.jobs import epoch_results, new_job, publish_stamped
 from shared.models import Job, JobStatus, Metric, Sweep, SweepStatus
 from shared.schemas import Hyperparameters, JobCreate
 from shared.sweep_lease import SweepLease
@@ -190,12 +190,11 @@ def submit(factory: sessionmaker[Session], publish: Publish, lease: SweepLease, 
     if not sweep_lease.add_trial(factory, lease, job):
         return False
     try:
-        publish(job.id, job.queue)
+        with factory() as session:
+            publish_stamped(session, job.id, job.queue, publish)
     except BrokerUnavailable as exc:
         # The row is stored (outbox): the reaper publishes it once the broker is back.
         logger.warning("sweep trial %s stored but not published: %s", job.id, exc)
         return True
-    with factory() as session:
-        mark_published(session, job.id)
     logger.info("sweep %s: trial %s submitted as job %s", lease.sweep_id, job.trial_number, job.id)
     return True

@@ -5,10 +5,13 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from sqlalchemy import func, select, update
 
+from shared.celery_app import BrokerUnavailable
 from shared.db import make_engine, make_session_factory
-from shared.jobs import create_job, request_cancel
+from shared.jobs import create_job, publish_stamped, request_cancel
+from shared.lease import Claimant, Lease, claim_next
 from shared.models import Job
 from shared.schemas import JobCreate
 from tests.api.conftest import empty_tables
@@ -55,3 +58,37 @@ def test_cancel_after_a_claim_flags_the_job_instead(migrated_postgres: str) -> N
     finally:
         engine.dispose()
     assert (cancelled.status, cancelled.cancel_requested) == ("running", True)
+
+
+def test_a_worker_woken_by_the_message_can_claim_the_job_at_once(migrated_postgres: str) -> None:
+    """The stamp is committed before the message goes out: the publisher holds no lock on
+    the row that a woken worker's claim (SKIP LOCKED) would pass by; a failed send takes
+    the stamp back, for the reaper's next pass."""
+    empty_tables(migrated_postgres)
+    engine = make_engine(migrated_postgres)
+    sessions = make_session_factory(engine)
+    claims: list[Lease | None] = []
+    stamps: list[object] = []
+
+    def woken_worker(job_id: str, queue: str) -> None:
+        # Another connection, as a worker's child has, while the publisher's call is open.
+        with sessions() as other:
+            stamps.append(other.scalar(select(Job.published_at).where(Job.id == job_id)))
+        claims.append(claim_next(sessions, [queue], claimant=Claimant("w"), lease_seconds=30))
+
+    def broker_down(job_id: str, queue: str) -> None:
+        raise BrokerUnavailable("redis: connection refused")
+
+    try:
+        with sessions() as session:
+            job, _ = create_job(session, JobCreate.model_validate({}), idempotency_key=None)
+            publish_stamped(session, job.id, job.queue, woken_worker)
+            other, _ = create_job(session, JobCreate.model_validate({}), idempotency_key=None)
+            with pytest.raises(BrokerUnavailable):
+                publish_stamped(session, other.id, other.queue, broker_down)
+            left = session.scalar(select(Job.published_at).where(Job.id == other.id))
+    finally:
+        engine.dispose()
+    [claimed] = claims
+    assert stamps[0] is not None and claimed is not None and claimed.job_id == job.id
+    assert left is None

@@ -509,6 +509,8 @@ def test_the_prefork_parent_never_loads_torch_and_each_job_gets_a_fresh_warm_chi
     running = stack.api.wait(job_id, lambda j: j["status"] == "running" and j["lease"])
     trainer = running["lease"]["pid"]  # recorded by the process that claimed the job
     assert trainer == idle and trainer in child_pids(parent) and maps_torch(trainer)
+    # Training runs at a lower CPU priority than the worker's own loop (MNISTQ_TRAIN_NICENESS).
+    assert os.getpriority(os.PRIO_PROCESS, trainer) == os.getpriority(os.PRIO_PROCESS, parent) + 10
     # Cancelled rather than waited for: the child's task ends within a heartbeat either way.
     stack.api.http.post(f"{stack.api.base}/api/v1/jobs/{job_id}/cancel", timeout=10)
     assert stack.api.wait_finished(job_id)["status"] == "cancelled"
