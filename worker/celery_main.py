@@ -31,7 +31,7 @@ from shared.workers import running_jobs
 from worker.maintenance import MaintenanceLoop
 from worker.pool import warm_up_in_background
 from worker.registry import RegistryBeat
-from worker.runner import SHUTDOWN, make_worker_engine
+from worker.runner import SHUTDOWN, make_worker_engine, prepare_claim
 from worker.tasks import make_context, register_tasks
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,7 @@ def _prepare_child(job_waiting: Callable[[], bool]) -> None:
 
     from worker.training.warmup import warm_up
 
-    with context.session_factory() as session:
-        session.connection()  # the claim finds a connection open
+    prepare_claim(context)  # the claim finds a connection open and its statements compiled
     cuda = GPU_QUEUE in app.amqp.queues.consume_from and torch.cuda.is_available()
     warm_up(settings.data_dir, threads=context.threads or settings.train_threads,
             download=settings.download_mnist, cuda=cuda, job_waiting=job_waiting)  # fmt: skip

@@ -40,6 +40,7 @@ from shared.lease import Claimant, Lease, MetricRecord, ProgressUpdate
 from shared.models import Job, JobStatus
 from shared.schemas import Hyperparameters
 from shared.store import ArtifactStore, StoreUnavailable, make_store
+from shared.workers import is_draining
 
 if TYPE_CHECKING:  # torch only in the child process, inside run_job
     from worker.training.checkpoints import Checkpoint
@@ -342,6 +343,21 @@ def named_queue(factory: sessionmaker[Session], job_id: str) -> str | None:
     """The queue of the job a message names (the queue the message came from), if any."""
     with factory() as session:
         return session.scalar(select(Job.queue).where(Job.id == job_id))
+
+
+# A queue and a job id no row has: a claim of them takes nothing and changes nothing.
+_NO_QUEUE = "-"
+_NO_JOB = "0" * 32
+
+
+def prepare_claim(ctx: WorkerContext) -> None:
+    """What a task does before its job trains, done once with nothing to take: the database
+    connection opened and the statements compiled (SQLAlchemy caches them per process), so
+    the first claim of a fresh child is as quick as any later one."""
+    is_draining(ctx.session_factory, ctx.worker_id)
+    named_queue(ctx.session_factory, _NO_JOB)
+    leases.claim_next(ctx.session_factory, [_NO_QUEUE], claimant=ctx.claimant(),
+                      lease_seconds=ctx.settings.lease_seconds)  # fmt: skip
 
 
 def run_job(ctx: WorkerContext, job_id: str) -> Outcome:
