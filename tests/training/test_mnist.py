@@ -45,7 +45,7 @@ def seed_run(
 ) -> tuple[FitResult, Path]:
     """The seed recipe as it stands: defaults, 3 epochs, on the CPU."""
     out = tmp_path_factory.mktemp("seed")
-    configure_threads(2)  # as bench/train_speed.py runs it: 99.16-99.19 % after epoch 2
+    configure_threads(2)  # as a worker's one slot trains on this 2-core machine
     result = fit(Hyperparameters(device="cpu"), mnist_train, mnist_test, out,
                  device=torch.device("cpu"))  # fmt: skip
     return result, out
