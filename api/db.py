@@ -42,10 +42,16 @@ def get_engine() -> Engine:
     return engine
 
 
+def session_factory() -> sessionmaker[Session]:
+    """The current app's session factory, for work in transactions of its own."""
+    factory: sessionmaker[Session] = current_app.extensions[SESSIONS_KEY]
+    return factory
+
+
 def get_session() -> Session:
     """The session of the current request, opened on first use."""
     if "db_session" not in g:
-        factory: sessionmaker[Session] = current_app.extensions[SESSIONS_KEY]
+        factory = session_factory()
         reads = has_request_context() and request.method in READ_METHODS
         g.db_session = factory(bind=current_app.extensions[READS_KEY]) if reads else factory()
     session: Session = g.db_session

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from flask import Blueprint, Response, current_app, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from api.auth import owner_scope
-from api.db import SESSIONS_KEY, get_session
+from api.db import get_session, session_factory
 from api.errors import field_error, validation_failed
 from api.extensions import services
 from api.feed import Feed, Item, Subscription, item
@@ -130,7 +130,7 @@ def _feed() -> Feed:
     """The app's event feed, made on first use (in the serving process, after any fork)."""
     found: Feed | None = current_app.extensions.get(FEED_KEY)
     if found is None:
-        factory: sessionmaker[Session] = current_app.extensions[SESSIONS_KEY]
+        factory = session_factory()
         made = Feed(factory, services().settings.events_poll_seconds)
         found = current_app.extensions.setdefault(FEED_KEY, made)
     return found

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from api.answer_cache import finished_answers
 from api.auth import current_user, owner_scope
 from api.conditional import IF_NONE_MATCH, NOT_MODIFIED, conditional_bytes, conditional_json
-from api.db import get_session
+from api.db import get_session, session_factory
 from api.extensions import services
 from api.inputs import IDEMPOTENCY_HEADER, idempotency_key, json_body, query_args
 from api.limits import check_submit_rate
@@ -23,10 +23,10 @@ from shared.jobs import (
     get_job,
     list_jobs,
     metric_series,
-    publish_stamped,
     request_cancel,
     set_priority,
 )
+from shared.lease import publish_stamped
 from shared.models import Job
 from shared.schemas import (
     MAX_METRIC_PAGE,
@@ -46,7 +46,7 @@ bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 def publish_job(session: Session, job: Job) -> None:
     """Tell the workers; a broker outage leaves published_at NULL for the reaper to retry."""
     try:
-        publish_stamped(session, job.id, job.queue, services().publish)
+        publish_stamped(session_factory(), job.id, job.queue, services().publish)
     except BrokerUnavailable as exc:
         logger.warning("job %s stored but not published (broker down): %s", job.id, exc)
     session.refresh(job)

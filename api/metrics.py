@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.auth import public_when, require_admin
-from api.db import SESSIONS_KEY
+from api.db import session_factory
 from api.extensions import services
 from api.openapi import operation
 from shared import workers
@@ -86,7 +86,7 @@ def scrape() -> ResponseReturnValue:
     """Job, queue, worker and webhook figures from the database; HTTP request metrics."""
     if not services().settings.metrics_public:
         require_admin()
-    factory: sessionmaker[Session] = current_app.extensions[SESSIONS_KEY]
+    factory = session_factory()
     database = CollectorRegistry()
     database.register(DatabaseCollector(factory))
     body = generate_latest(_http_registry()) + generate_latest(database)

@@ -7,7 +7,7 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -238,39 +238,6 @@ def set_priority(
     if not changed:
         raise JobConflict(f"job {job_id} is {job.status}; only a queued job's priority can change")
     return job
-
-
-def publish_stamped(
-    session: Session, job_id: str, queue: str, publish: Callable[[str, str], None]
-) -> None:
-    """Record that the job's message goes out, commit, then send it; if sending fails, take
-    the record back (the reaper's next pass sends it) and raise what ``publish`` raised.
-
-    Recorded first, as the reaper does: the stamp's UPDATE holds the row's lock until its
-    commit, and a worker woken by the message within that moment would pass the locked row
-    by (SKIP LOCKED), find nothing to claim, and leave the job to the reaper's grace period.
-    A process that dies between the stamp and the send leaves a row the reaper publishes
-    again once ``requeue_grace_seconds`` have passed.
-    """
-    stamp = utcnow()
-    _stamp(session, job_id, None, stamp)
-    try:
-        publish(job_id, queue)
-    except Exception:
-        _stamp(session, job_id, stamp, None)
-        raise
-
-
-def _stamp(session: Session, job_id: str, expected: datetime | None, new: datetime | None) -> None:
-    """Compare-and-set a queued job's published_at, committed."""
-    seen = Job.published_at.is_(None) if expected is None else Job.published_at == expected
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, seen)
-        .values(published_at=new)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
 
 
 def encode_cursor(job: Job) -> str:

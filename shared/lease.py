@@ -555,17 +555,41 @@ def republish_due(
 ) -> list[str]:
     """Publish queued jobs whose message may be lost again; return the ids published."""
     now = utcnow()
-    published = []
-    for job_id, queue, previous in _due_for_publish(session_factory, now, grace_seconds, limit):
-        if not _stamp_published(session_factory, job_id, previous, now):
-            continue  # another reaper took it, or it was claimed meanwhile
-        try:
-            publish(job_id, queue)
-        except Exception:
-            _stamp_published(session_factory, job_id, now, previous)
-            raise
-        published.append(job_id)
-    return published
+    return [
+        job_id
+        for job_id, queue, previous in _due_for_publish(session_factory, now, grace_seconds, limit)
+        # False: another reaper took it, or it was claimed meanwhile.
+        if publish_stamped(session_factory, job_id, queue, publish, previous=previous)
+    ]
+
+
+def publish_stamped(
+    session_factory: SessionFactory,
+    job_id: str,
+    queue: str,
+    publish: Callable[[str, str], None],
+    *,
+    previous: datetime | None = None,
+) -> bool:
+    """Stamp the queued job's ``published_at`` (compare-and-set from ``previous``), commit,
+    then send its message; False, sending nothing, if another process stamped it first. If
+    sending fails the stamp is put back (the reaper's next pass sends it) and the error raised.
+
+    Every publisher (the API's submit, the sweep controller, the reaper) goes through here,
+    stamp first: a stamp's UPDATE holds the row's lock until it commits, and a worker woken
+    by the message within that moment would pass the locked row by (SKIP LOCKED), find
+    nothing to claim and leave the job to the reaper's grace period. A process that dies
+    between the stamp and the send leaves a row the reaper sends once the grace has passed.
+    """
+    now = utcnow()
+    if not _stamp_published(session_factory, job_id, previous, now):
+        return False
+    try:
+        publish(job_id, queue)
+    except Exception:
+        _stamp_published(session_factory, job_id, now, previous)
+        raise
+    return True
 
 
 def _due_for_publish(

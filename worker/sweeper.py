@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import sweep_lease
 from shared.celery_app import BrokerUnavailable
 from shared.config import Settings
-from shared.jobs import epoch_results, new_job, publish_stamped
+from shared.jobs import epoch_results, new_job
+from shared.lease import publish_stamped
 from shared.models import Job, JobStatus, Metric, Sweep, SweepStatus
 from shared.schemas import Hyperparameters, JobCreate
 from shared.sweep_lease import SweepLease
@@ -190,8 +191,7 @@ def submit(factory: sessionmaker[Session], publish: Publish, lease: SweepLease, 
     if not sweep_lease.add_trial(factory, lease, job):
         return False
     try:
-        with factory() as session:
-            publish_stamped(session, job.id, job.queue, publish)
+        publish_stamped(factory, job.id, job.queue, publish)
     except BrokerUnavailable as exc:
         # The row is stored (outbox): the reaper publishes it once the broker is back.
         logger.warning("sweep trial %s stored but not published: %s", job.id, exc)

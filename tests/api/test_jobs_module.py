@@ -10,8 +10,8 @@ from sqlalchemy import func, select, update
 
 from shared.celery_app import BrokerUnavailable
 from shared.db import make_engine, make_session_factory
-from shared.jobs import create_job, publish_stamped, request_cancel
-from shared.lease import Claimant, Lease, claim_next
+from shared.jobs import create_job, request_cancel
+from shared.lease import Claimant, Lease, claim_next, publish_stamped
 from shared.models import Job
 from shared.schemas import JobCreate
 from tests.api.conftest import empty_tables
@@ -82,10 +82,10 @@ def test_a_worker_woken_by_the_message_can_claim_the_job_at_once(migrated_postgr
     try:
         with sessions() as session:
             job, _ = create_job(session, JobCreate.model_validate({}), idempotency_key=None)
-            publish_stamped(session, job.id, job.queue, woken_worker)
+            publish_stamped(sessions, job.id, job.queue, woken_worker)
             other, _ = create_job(session, JobCreate.model_validate({}), idempotency_key=None)
             with pytest.raises(BrokerUnavailable):
-                publish_stamped(session, other.id, other.queue, broker_down)
+                publish_stamped(sessions, other.id, other.queue, broker_down)
             left = session.scalar(select(Job.published_at).where(Job.id == other.id))
     finally:
         engine.dispose()
