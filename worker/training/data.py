@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from worker.training.checkpoints import atomic_torch_save
+
 logger = logging.getLogger(__name__)
 
 # The seed recipe's Normalize((0.1307,), (0.3081,)), applied once to the whole split.
@@ -130,21 +132,14 @@ def _ours(folder: Path) -> bool:
 
 
 def _write_cache(path: Path | None, split: MnistSplit) -> None:
-    """Save ``split`` to ``path`` whole or not at all (a temporary file, then a rename)."""
+    """Save ``split`` to ``path`` whole or not at all."""
     if path is None:
         return
-    tmp: Path | None = None
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not _ours(path.parent):
             logger.warning("MNIST cache folder %s is not this user's alone: not used", path.parent)
             return
-        fd, name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        tmp = Path(name)
-        with os.fdopen(fd, "wb") as out:
-            torch.save({"images": split.images, "labels": split.labels}, out)
-        os.replace(tmp, path)
+        atomic_torch_save({"images": split.images, "labels": split.labels}, path)
     except OSError as exc:  # no room, no permission: every process just reads the raw files
         logger.warning("MNIST cache %s not written: %s", path, exc)
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
