@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -35,9 +36,9 @@ class Receiver(BaseHTTPRequestHandler):
         self.end_headers()
         sent, chunk = 0, b"x" * 65536
         try:
-            while sent < Receiver.body_bytes:
-                self.wfile.write(chunk[: Receiver.body_bytes - sent])
-                sent += min(len(chunk), Receiver.body_bytes - sent)
+            while piece := chunk[: Receiver.body_bytes - sent]:
+                self.wfile.write(piece)
+                sent += len(piece)
         except OSError:
             pass  # the sender hung up
         Receiver.sent.append(sent)
@@ -48,16 +49,24 @@ class Receiver(BaseHTTPRequestHandler):
 
 @contextmanager
 def receiving(
-    *, default_status: int = 200, hold_seconds: float = 0.0, body_bytes: int = 0
+    *,
+    default_status: int = 200,
+    hold_seconds: float = 0.0,
+    body_bytes: int = 0,
+    tls: ssl.SSLContext | None = None,
 ) -> Iterator[str]:
-    """A receiver with empty records until the block ends; yields its URL."""
+    """A receiver with empty records until the block ends (over TLS with ``tls``, a server
+    context); yields its URL."""
     Receiver.got, Receiver.arrived, Receiver.answers, Receiver.sent = [], [], [], []
     Receiver.default_status, Receiver.hold_seconds = default_status, hold_seconds
     Receiver.body_bytes = body_bytes
     server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    scheme = "https" if tls is not None else "http"
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+        yield f"{scheme}://127.0.0.1:{server.server_address[1]}/hook"
     finally:
         server.shutdown()
 

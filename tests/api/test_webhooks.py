@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -263,17 +261,14 @@ def test_a_post_over_tls_verifies_the_receivers_certificate(tmp_path: Path) -> N
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)  # fmt: skip
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert, key)
-    server.socket = tls.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"https://localhost:{server.server_address[1]}/hook"
+    with receiving(tls=tls) as url:
+        # Under the certificate's own name, at the receiver's address.
+        named = url.replace("127.0.0.1", "localhost")
         with pytest.raises(ssl.SSLCertVerificationError):
-            send(url, "127.0.0.1", b"{}", {}, 5)  # self-signed: no certificate we trust
-    finally:
-        server.shutdown()
+            send(named, "127.0.0.1", b"{}", {}, 5)  # self-signed: no certificate we trust
+    assert Receiver.got == []
 
 
 def test_a_post_to_loopback_is_refused_when_private_addresses_are_not_allowed(
