@@ -1,7 +1,7 @@
 """Seconds per training epoch: the seed recipe as written against the engine, alternately.
 
     .venv/bin/python bench/train_speed.py [--epochs N | --quick] [--threads N] [--data-dir DIR]
-                                          [--no-concurrency] [--no-fast-cnn]
+                                          [--no-concurrency] [--no-fast-cnn] [--profile N]
 
 Both sides train the same net (the tutorial's), with the same hyperparameters (batch 64,
 SGD lr 0.01 momentum 0.5, log every 10 batches) and the same thread count, each round in a
@@ -192,6 +192,20 @@ def fast_cnn_to_99(data_dir: Path, threads: int) -> dict[str, float | int | None
     }
 
 
+def profile(data_dir: Path, threads: int, steps: int) -> None:
+    """Where the engine's train step goes: torch.profiler over ``steps`` steps, by operator."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiled
+
+    configure_threads(threads)
+    load_split(data_dir, train=True, download=False)
+    engine_epoch(data_dir, 20)  # kernels and allocator warm, as in a worker child
+    with profiled(activities=[ProfilerActivity.CPU]) as prof:
+        engine_epoch(data_dir, steps)
+    print(f"threads {threads}, {steps} engine steps")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def main() -> None:
     """Parse flags and run the comparisons."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -203,6 +217,8 @@ def main() -> None:
                         default=Path(os.environ.get("MNISTQ_DATA_DIR", "var/data")))  # fmt: skip
     parser.add_argument("--no-concurrency", action="store_true", help="skip the jobs/hour part")
     parser.add_argument("--no-fast-cnn", action="store_true", help="skip fast_cnn's time to 99%%")
+    parser.add_argument("--profile", type=int, metavar="N",
+                        help="only profile N engine steps and print where they go")  # fmt: skip
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=("seed", "engine", "fast_cnn"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -210,6 +226,8 @@ def main() -> None:
     threads = args.threads or usable_cores()
     if args.child:
         return child(args.data_dir, threads, max_batches)
+    if args.profile:
+        return profile(args.data_dir, threads, args.profile)
     if args.side == "fast_cnn":
         return print(json.dumps(fast_cnn_to_99(args.data_dir, threads)), flush=True)
     if args.side:
