@@ -152,6 +152,7 @@ def _tell_children(**_: Any) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):  # the child just exited
             os.kill(pid, HAND_BACK_SIGNAL)
+    logger.info("shutting down: asked pool children %s to hand their jobs back", pids)
     # From now on this worker takes no new job: the API must not count it as serving.
     registry.stop()
     for loop in _maintenance:

@@ -475,4 +475,5 @@ def _conclude(
     # Not published from here: this worker is shutting down but may still be consuming,
     # and would take the message back itself. published_at is NULL, so the next reaper
     # pass (any other worker's main process) publishes it.
+    logger.info("job %s: this worker shuts down, handing the job back", lease.job_id)
     return Outcome.RELEASED if leases.release(factory, lease) else Outcome.LOST

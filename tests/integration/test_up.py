@@ -42,4 +42,4 @@ def test_up_trains_a_job_and_ctrl_c_hands_the_running_one_back(
         up.process.kill()
     with sqlite3.connect(var / "mnistq.db") as db:
         row = db.execute("SELECT status, attempt FROM job WHERE id = ?", (running,)).fetchone()
-    assert tuple(row) == ("queued", 0)
+    assert tuple(row) == ("queued", 0), up.process.tail(6000, requests=False)
