@@ -2,24 +2,128 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sqlite3
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+logger = logging.getLogger(__name__)
+
+# How long a fork waits for this process's SQLite connections to close: they are open for
+# one short transaction each.
+FORK_WAIT_SECONDS = 30.0
 
 
-def make_engine(database_url: str, **kwargs: Any) -> Engine:
-    """An engine for ``database_url``; SQLite gets WAL and a busy timeout for API + worker."""
+class SqliteConnections:
+    """The open SQLite connections of fork-safe engines in this process, and a gate for fork.
+
+    SQLite keeps per-process state for each open database file (its POSIX locks, the WAL
+    index it maps) and mutexes around it. A child forked while the parent has a connection
+    open inherits that state without the locks it stands for, or a mutex another thread
+    held: its own new connection may then wait for ever. A process that forks (the worker
+    forking pool children) therefore opens SQLite only through engines made with
+    ``fork_safe=True``, which connect per use, and forks inside ``none_open()``.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        # The gate's lock may have been held by another thread at the fork: start afresh.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._changed = threading.Condition()
+        self._open = 0
+        self._forking = False
+
+    @property
+    def count(self) -> int:
+        """How many are open now."""
+        return self._open
+
+    def opening(self) -> None:
+        """Count a connection about to open; waits while a fork is under way."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._forking)
+            self._open += 1
+
+    def closed(self) -> None:
+        """Count a connection closed."""
+        with self._changed:
+            self._open -= 1
+            self._changed.notify_all()
+
+    @contextmanager
+    def none_open(self, timeout: float = FORK_WAIT_SECONDS) -> Iterator[None]:
+        """Wait until no connection is open and keep new ones waiting while this lasts; after
+        ``timeout`` it goes ahead anyway, warning (a connection left open is a bug)."""
+        with self._changed:
+            self._forking = True
+            if not self._changed.wait_for(lambda: self._open == 0, timeout):
+                logger.warning("forking with %d SQLite connection(s) still open", self._open)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._forking = False
+                self._changed.notify_all()
+
+
+SQLITE_CONNECTIONS = SqliteConnections()
+
+
+class _CountedConnection(sqlite3.Connection):
+    """A SQLite connection counted in ``SQLITE_CONNECTIONS`` from before it opens until it
+    has closed (or been collected unclosed)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._counted = False
+        SQLITE_CONNECTIONS.opening()
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            SQLITE_CONNECTIONS.closed()
+            raise
+        self._counted = True
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._uncount()
+
+    def __del__(self) -> None:  # collected unclosed: close it first, then uncount
+        with suppress(sqlite3.Error):
+            self.close()
+        self._uncount()
+
+    def _uncount(self) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            SQLITE_CONNECTIONS.closed()
+
+
+def make_engine(database_url: str, *, fork_safe: bool = False, **kwargs: Any) -> Engine:
+    """An engine for ``database_url``; SQLite gets WAL and a busy timeout for API + worker,
+    and with ``fork_safe`` a connection per use, counted in ``SQLITE_CONNECTIONS``."""
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True, **kwargs)
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+    connect_args: dict[str, Any] = {"timeout": 30}
+    if fork_safe:
+        kwargs["poolclass"] = NullPool  # closed when given back: none stays open idle
+        connect_args["factory"] = _CountedConnection
+    engine = create_engine(url, connect_args=connect_args, **kwargs)
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -1,16 +1,20 @@
 """The pool child's warm-up gate: its task claims only once the warm-up is over, and its
-arrival cuts the warm-up short."""
+arrival cuts the warm-up short; and children forked while threads use SQLite."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
-from worker.pool import wait_until_warm, warm_up_in_background
+from shared.db import SQLITE_CONNECTIONS, make_engine
+from worker.pool import BlockingPool, wait_until_warm, warm_up_in_background
 
 
 def test_a_task_waits_for_the_warm_up_to_end() -> None:
@@ -74,3 +78,71 @@ def test_a_warm_up_with_no_task_waiting_runs_to_its_end(caplog: pytest.LogCaptur
         time.sleep(0.01)  # no task yet: asking now would cut it short
     assert "warmed up in" in caplog.text
     assert wait_until_warm(5)
+
+
+def _insert_one(path: str) -> int:
+    """In a pool child: one write through a fresh engine of its own; its pid."""
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO t (x) VALUES (1)"))
+    finally:
+        engine.dispose()
+    return os.getpid()
+
+
+def test_children_forked_while_threads_write_to_sqlite_all_write_too(tmp_path: Path) -> None:
+    path = tmp_path / "forks.db"
+    engine = make_engine(f"sqlite:///{path}", fork_safe=True)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE t (x INTEGER)"))
+    stop = threading.Event()
+
+    def write_until_stopped() -> None:  # the registry and the reaper of a worker, say
+        while not stop.is_set():
+            with engine.begin() as connection:
+                connection.execute(text("INSERT INTO t (x) VALUES (0)"))
+
+    writers = [threading.Thread(target=write_until_stopped) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    # The embedded worker's pool: a fresh child for every task, forked from a pool thread.
+    pool = BlockingPool(processes=2, maxtasksperchild=1)
+    try:
+        results = [pool.apply_async(_insert_one, (str(path),)) for _ in range(24)]
+        pids = {result.get(timeout=60) for result in results}
+    finally:
+        stop.set()
+        for writer in writers:
+            writer.join()
+        pool.terminate()
+    assert len(pids) == 24
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM t WHERE x = 1")).scalar() == 24
+    assert SQLITE_CONNECTIONS.count == 0  # none stays open between uses
+
+
+def test_a_fork_waits_for_open_sqlite_connections_and_holds_new_ones_back(
+    tmp_path: Path,
+) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'gate.db'}", fork_safe=True)
+    held = engine.connect()
+    held.execute(text("SELECT 1"))
+    gate_closed, fork_over = threading.Event(), threading.Event()
+
+    def fork() -> None:
+        with SQLITE_CONNECTIONS.none_open():
+            gate_closed.set()
+            time.sleep(0.3)
+        fork_over.set()
+
+    forker = threading.Thread(target=fork)
+    forker.start()
+    assert not gate_closed.wait(0.3)  # a connection is open: no fork yet
+    held.close()
+    assert gate_closed.wait(5)
+    with engine.connect() as connection:  # waits for the fork to be over
+        assert fork_over.is_set()
+        connection.execute(text("SELECT 1"))
+    forker.join()
+    assert SQLITE_CONNECTIONS.count == 0

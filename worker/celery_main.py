@@ -155,5 +155,6 @@ def _tell_children(**_: Any) -> None:
     logger.info("shutting down: asked pool children %s to hand their jobs back", pids)
     # From now on this worker takes no new job: the API must not count it as serving.
     registry.stop()
-    for loop in _maintenance:
-        loop.stop()
+    # Popped before stopping: Ctrl-C and the SIGTERM that follows may nest two calls here.
+    while _maintenance:
+        _maintenance.pop().stop()

@@ -8,9 +8,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
+import billiard.pool
 from celery.concurrency.asynpool import AsynPool
 from celery.concurrency.prefork import TaskPool
+
+from shared.db import SQLITE_CONNECTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +34,17 @@ _warm.set()
 _job_waiting = threading.Event()
 
 
-class PromptAsynPool(AsynPool):
+class ForkAfterSqlite:
+    """A billiard pool mixin: a child is forked only while no thread of this process (the
+    registry, the maintenance lanes) has SQLite open, or the child would inherit its locks
+    half-held and could hang on its first query (see ``shared.db.SqliteConnections``)."""
+
+    def _create_worker_process(self, i: int) -> Any:
+        with SQLITE_CONNECTIONS.none_open():
+            return super()._create_worker_process(i)  # type: ignore[misc]
+
+
+class PromptAsynPool(ForkAfterSqlite, AsynPool):
     """AsynPool whose periodic pool maintenance runs every MAINTAIN_SECONDS, not 5 s."""
 
     @property
@@ -41,10 +55,16 @@ class PromptAsynPool(AsynPool):
         return {self.maintain_pool: MAINTAIN_SECONDS}
 
 
+class BlockingPool(ForkAfterSqlite, billiard.pool.Pool):
+    """The pool of a worker whose broker has no event loop (the embedded filesystem one)."""
+
+
 class JobPool(TaskPool):
-    """``--pool worker.pool:JobPool``: prefork with prompt child replacement."""
+    """``--pool worker.pool:JobPool``: prefork with prompt child replacement, forking only
+    while no SQLite connection is open."""
 
     Pool = PromptAsynPool
+    BlockingPool = BlockingPool
 
 
 def warm_up_in_background(prepare: Callable[[Callable[[], bool]], None]) -> None:

@@ -55,11 +55,12 @@ class RegistryBeat:
 
     def stop(self) -> None:
         """Stop beating and delete the row: the worker serves no queue any more."""
-        if self._thread is None or self.info is None or self._factory is None:
+        # Taken first: a second shutdown signal may run this again inside the first call.
+        thread, self._thread = self._thread, None
+        if thread is None or self.info is None or self._factory is None:
             return
         self._stop.set()
-        self._thread.join(timeout=5)
-        self._thread = None
+        thread.join(timeout=5)
         try:
             workers.remove(self._factory, self.info.id)
         except DBAPIError:

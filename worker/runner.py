@@ -69,9 +69,10 @@ class Outcome(enum.StrEnum):
 
 
 def make_worker_engine(settings: Settings) -> Engine:
-    """The engine of a worker process; on PostgreSQL a frozen worker cannot hold a row lock."""
+    """The engine of a worker process; on PostgreSQL a frozen worker cannot hold a row lock.
+    SQLite's is fork-safe: the main process forks pool children while its threads use it."""
     if not settings.database_url.startswith("postgresql"):
-        return make_engine(settings.database_url)
+        return make_engine(settings.database_url, fork_safe=True)
     # A worker paused (SIGSTOP, a VM freeze) inside a transaction would keep the job row
     # locked and block the reaper and the next claim. The server ends such a session once
     # it is idle in a transaction for as long as a lease; the worker's commit then fails.
