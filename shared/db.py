@@ -100,10 +100,9 @@ class _CountedConnection(sqlite3.Connection):
         finally:
             self._uncount()
 
-    def __del__(self) -> None:  # collected unclosed: close it first, then uncount
+    def __del__(self) -> None:  # collected unclosed: close (and uncount) it now
         with suppress(sqlite3.Error):
             self.close()
-        self._uncount()
 
     def _uncount(self) -> None:
         if getattr(self, "_counted", False):
