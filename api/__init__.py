@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None, *, publish: Publish | None = No
     store = make_store(settings)
     services = Services(settings, publish or celery_publisher(settings), store)
     extensions.init_app(app, services)
-    db.init_app(app, settings.database_url)
+    db.init_app(app, settings.database_url, settings.db_pool_size)
     answer_cache.init_app(app)
     errors.init_app(app)
     auth.init_app(app)

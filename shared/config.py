@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     # HTTP API.
     max_body_bytes: int = Field(64 * 1024, gt=0)
     page_size: int = Field(50, ge=1, le=500)
+    db_pool_size: int = Field(
+        20, ge=1, le=500,
+        description="PostgreSQL connections each API process keeps open; requests beyond "
+        "this many at once open one of their own and close it after",
+    )  # fmt: skip
     token_cache_seconds: float = Field(
         1.0, ge=0, le=60,
         description="how long an API process trusts a token it checked; a revoked token "

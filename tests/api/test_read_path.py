@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,12 +16,23 @@ from flask.testing import FlaskClient
 from sqlalchemy import delete, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import create_app
 from api.answer_cache import KEY as ANSWERS_KEY
 from api.answer_cache import FinishedJobAnswers
-from api.db import ENGINE_KEY
+from api.db import ENGINE_KEY, SESSIONS_KEY, get_session
 from shared.models import Job, JobStatus, Worker, utcnow
 from shared.store import LocalStore
-from tests.api.conftest import Caller, add_artifact, client_as, insert_job, insert_metrics
+from tests.api.conftest import (
+    Caller,
+    RecordingPublisher,
+    add_artifact,
+    add_user,
+    client_as,
+    empty_tables,
+    insert_job,
+    insert_metrics,
+    make_settings,
+)
 
 JOBS = "/api/v1/jobs"
 NAMES = ("model.pth", "metrics.json", "examples.png", "checkpoints/epoch-1.pt")
@@ -267,3 +282,39 @@ def test_bad_metric_queries_name_the_field(
     response = client.get(f"{JOBS}/{job_id}/metrics?{query}")
     assert response.status_code == 422
     assert field in response.get_data(as_text=True)
+
+
+def test_concurrent_reads_reuse_the_pools_connections_instead_of_opening_new_ones(
+    tmp_path: Path, migrated_postgres: str, publisher: RecordingPublisher
+) -> None:
+    """Bursts of as many callers as the pool keeps: each request takes a kept connection. Past
+    the pool's size each burst would open connections and close them once it is over."""
+    callers = 8
+    empty_tables(migrated_postgres)
+    app = create_app(
+        make_settings(tmp_path, migrated_postgres, db_pool_size=callers), publish=publisher
+    )
+    engine = app.extensions[ENGINE_KEY]
+    opened: list[object] = []
+    event.listen(engine, "connect", lambda conn, _record: opened.append(conn))
+    sessions = app.extensions[SESSIONS_KEY]
+    client = client_as(app, add_user(sessions, "admin", admin=True))
+    running = insert_job(sessions, status=JobStatus.RUNNING)
+
+    @app.before_request
+    def hold_a_connection_a_while() -> None:  # every caller's request in flight at once
+        get_session().connection()
+        time.sleep(0.01)
+
+    together = threading.Barrier(callers)
+
+    def poll() -> None:  # a burst of every caller at once, then none, ten times over
+        for _ in range(10):
+            together.wait(timeout=30)
+            assert client.get(f"{JOBS}/{running}").status_code == 200
+
+    with ThreadPoolExecutor(callers) as pool:
+        for future in [pool.submit(poll) for _ in range(callers)]:
+            future.result()
+    assert 1 <= len(opened) <= callers, f"{len(opened)} connections for {callers} callers"
+    engine.dispose()
