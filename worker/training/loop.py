@@ -172,7 +172,9 @@ def train_epoch(
     samples = 0
     for batch_idx in range(n_batches):
         index = order[batch_idx * batch_size : (batch_idx + 1) * batch_size]
-        data, target = split.images[index], split.labels[index]  # (B, 1, 28, 28), (B,)
+        # index_select: the same rows as split.images[index], gathered in one plain copy.
+        data = split.images.index_select(0, index)  # (B, 1, 28, 28)
+        target = split.labels.index_select(0, index)  # (B,)
         optimizer.zero_grad()
         loss = F.nll_loss(model(data), target)
         loss.backward()

@@ -14,15 +14,18 @@ class Net(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
         self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
-        self.conv2_drop = nn.Dropout2d()
+        self.conv2_drop = nn.Dropout2d(inplace=True)  # over conv2's output, read by no backward
         self.fc1 = nn.Linear(320, 50)
         self.fc2 = nn.Linear(50, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(F.max_pool2d(self.conv1(x), 2))  # (B, 10, 12, 12)
-        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))  # (B, 20, 4, 4)
+        # The tutorial's ops in its order. Dropout2d and the ReLUs work in place: what they
+        # overwrite (conv2's, a max-pool's or fc1's output) no backward step reads, so the
+        # numbers are the same with four activation-sized buffers fewer a step.
+        x = F.relu_(F.max_pool2d(self.conv1(x), 2))  # (B, 10, 12, 12)
+        x = F.relu_(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))  # (B, 20, 4, 4)
         x = x.reshape(-1, 320)  # the tutorial views; reshape also takes channels-last input
-        x = F.relu(self.fc1(x))
+        x = F.relu_(self.fc1(x))
         x = F.dropout(x, training=self.training)
         x = self.fc2(x)
         return F.log_softmax(x, dim=1)  # the tutorial's implicit dim for 2-D input
