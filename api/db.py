@@ -28,11 +28,11 @@ def _engine_options(database_url: str, pool_size: int) -> dict[str, Any]:
         # size each one opens a connection and closes it after (a server process started
         # and ended per request), which halved GET throughput at 16 concurrent clients.
         "pool_size": pool_size,
-        "max_overflow": 2 * pool_size,
+        "max_overflow": pool_size,
     }
 
 
-def init_app(app: Flask, database_url: str, pool_size: int = 20) -> None:
+def init_app(app: Flask, database_url: str, pool_size: int = 10) -> None:
     """Give ``app`` an engine and a session factory and close sessions after each request."""
     engine = make_engine(database_url, **_engine_options(database_url, pool_size))
     app.extensions[ENGINE_KEY] = engine

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, gt=0)
     page_size: int = Field(50, ge=1, le=500)
     db_pool_size: int = Field(
-        20, ge=1, le=500,
+        10, ge=1, le=500,
         description="PostgreSQL connections each API process keeps open; requests beyond "
         "this many at once open one of their own and close it after",
     )  # fmt: skip
