@@ -59,8 +59,8 @@ class Settings(BaseSettings):
     page_size: int = Field(50, ge=1, le=500)
     db_pool_size: int = Field(
         10, ge=1, le=500,
-        description="PostgreSQL connections each API process keeps open; requests beyond "
-        "this many at once open one of their own and close it after",
+        description="PostgreSQL connections each API process keeps open; a burst may open "
+        "as many more, each closed after its request",
     )  # fmt: skip
     token_cache_seconds: float = Field(
         1.0, ge=0, le=60,
