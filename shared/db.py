@@ -6,6 +6,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -13,14 +14,17 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 
 logger = logging.getLogger(__name__)
 
 # How long a fork waits for this process's SQLite connections to close: they are open for
 # one short transaction each.
 FORK_WAIT_SECONDS = 30.0
+# A pooled PostgreSQL connection idle this long is pinged before it is used again.
+PING_AFTER_IDLE_SECONDS = 1.0
 
 
 class SqliteConnections:
@@ -115,7 +119,9 @@ def make_engine(database_url: str, *, fork_safe: bool = False, **kwargs: Any) ->
     and with ``fork_safe`` a connection per use, counted in ``SQLITE_CONNECTIONS``."""
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, **kwargs)
+        engine = create_engine(url, **kwargs)
+        _ping_after_idle(engine)
+        return engine
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     connect_args: dict[str, Any] = {"timeout": 30}
@@ -134,6 +140,33 @@ def make_engine(database_url: str, *, fork_safe: bool = False, **kwargs: Any) ->
         cur.close()
 
     return engine
+
+
+def _ping_after_idle(engine: Engine) -> None:
+    """Ping a pooled connection before use when it sat idle ``PING_AFTER_IDLE_SECONDS``.
+
+    A server that restarted or a connection it dropped while idle is found by the ping and
+    replaced before the caller sees it, as ``pool_pre_ping`` does; but a connection given
+    back a moment ago is used at once, without the ping's round trip: on a busy API that
+    round trip was a second query for every request. A connection that breaks while the
+    pool is busy fails the one request that holds it (a 503), and SQLAlchemy then replaces
+    every connection older than the failure.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _given_back(_dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _taken(dbapi_conn: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return  # new, or back a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            # The pool drops this connection and checks out another (a fresh one if need be).
+            raise DisconnectionError(f"a pooled connection was dead: {exc}") from exc
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

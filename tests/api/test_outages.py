@@ -5,17 +5,22 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 from flask import Flask
 
+import shared.db
 from api import create_app
 from api.auth import public
 from api.db import ENGINE_KEY, SESSIONS_KEY
 from shared.auth import new_token_secret
 from shared.celery_app import make_celery
-from tests.api.conftest import add_user, client_as, make_settings
+from shared.migrate import upgrade
+from shared.models import JobStatus
+from tests.api.conftest import PG_ADMIN, add_user, client_as, insert_job, make_settings
 
 HEALTH = "/api/v1/health"
 
@@ -127,3 +132,41 @@ def test_an_unexpected_error_is_logged_and_answered_as_json_500(
     assert "a bug" not in response.get_data(as_text=True)  # no internals leak to clients
     [record] = [r for r in caplog.records if r.name == "api.errors"]
     assert record.exc_info is not None and "a bug" in str(record.exc_info[1])
+
+
+def _drop_connections(database_url: str) -> int:
+    """End every server process connected to the database, as a restart of the server does."""
+    name = database_url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        ended = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        ).fetchone()
+    return int(ended[0]) if ended else 0
+
+
+def test_pooled_connections_the_server_dropped_are_replaced(
+    tmp_path: Path,
+    postgres_database: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Idle ones are pinged and replaced unseen; one dropped while busy fails one request."""
+    monkeypatch.setattr(shared.db, "PING_AFTER_IDLE_SECONDS", 0.2)
+    url = postgres_database()
+    upgrade(url)
+    app = _app(tmp_path, url)
+    client = client_as(app, add_user(app.extensions[SESSIONS_KEY], "ops", admin=True))
+    job = f"/api/v1/jobs/{insert_job(app.extensions[SESSIONS_KEY], status=JobStatus.RUNNING)}"
+    assert client.get(job).status_code == 200
+
+    assert _drop_connections(url) >= 1
+    time.sleep(0.3)  # idle in the pool longer than PING_AFTER_IDLE_SECONDS
+    assert [client.get(job).status_code for _ in range(3)] == [200, 200, 200]
+
+    # Dropped while the pool is busy: the request holding it finds out, then the pool
+    # replaces every older connection, so only that one request fails.
+    assert _drop_connections(url) >= 1
+    codes = [client.get(job).status_code for _ in range(3)]
+    assert codes[0] in (200, 503) and codes[1:] == [200, 200], codes
+    app.extensions[ENGINE_KEY].dispose()
