@@ -29,6 +29,8 @@ def _engine_options(database_url: str, pool_size: int) -> dict[str, Any]:
         # is over; SQLAlchemy's 5 kept are fewer than 16 clients on 2 workers use.
         "pool_size": pool_size,
         "max_overflow": pool_size,
+        # A connection back from a request a moment ago is used without a ping's round trip.
+        "ping_idle_only": True,
     }
 
 

@@ -114,11 +114,17 @@ class _CountedConnection(sqlite3.Connection):
             SQLITE_CONNECTIONS.closed()
 
 
-def make_engine(database_url: str, *, fork_safe: bool = False, **kwargs: Any) -> Engine:
+def make_engine(
+    database_url: str, *, fork_safe: bool = False, ping_idle_only: bool = False, **kwargs: Any
+) -> Engine:
     """An engine for ``database_url``; SQLite gets WAL and a busy timeout for API + worker,
-    and with ``fork_safe`` a connection per use, counted in ``SQLITE_CONNECTIONS``."""
+    and with ``fork_safe`` a connection per use, counted in ``SQLITE_CONNECTIONS``. Pooled
+    server connections are pinged before each use, or with ``ping_idle_only`` only after
+    ``PING_AFTER_IDLE_SECONDS`` unused (the API's, whose requests are each a query or two)."""
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
+        if not ping_idle_only:
+            return create_engine(url, pool_pre_ping=True, **kwargs)
         engine = create_engine(url, **kwargs)
         _ping_after_idle(engine)
         return engine
