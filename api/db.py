@@ -34,8 +34,9 @@ def _engine_options(database_url: str, pool_size: int) -> dict[str, Any]:
     }
 
 
-def init_app(app: Flask, database_url: str, pool_size: int = 10) -> None:
-    """Give ``app`` an engine and a session factory and close sessions after each request."""
+def init_app(app: Flask, database_url: str, pool_size: int) -> None:
+    """Give ``app`` an engine (``pool_size`` kept PostgreSQL connections) and a session factory
+    and close sessions after each request."""
     engine = make_engine(database_url, **_engine_options(database_url, pool_size))
     app.extensions[ENGINE_KEY] = engine
     app.extensions[SESSIONS_KEY] = make_session_factory(engine)
