@@ -71,10 +71,12 @@ def fresh_database() -> Iterator[str]:
         admin.dispose()
 
 
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start(
+    args: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     handle = log.open("wb")
     return subprocess.Popen(
-        args, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        args, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
     )
 
 
@@ -206,9 +208,14 @@ def seed_jobs(database_url: str, count: int) -> tuple[list[str], list[str]]:
     return [i for i in ids if i not in running], ids[-RUNNING:]
 
 
-def first_rate(base: str, ids: list[str]) -> float:
-    """Requests/s of a short first run, to size the warm-up that fills the answer caches."""
-    return max(1.0, measure_throughput(base, ids, 3, 8)["rps"])
+def fill_answers(base: str, ids: list[str]) -> None:
+    """Ask for each of the ids wrk asks for about FILL_PASSES times, so that every API
+    process keeps their answers: the measured runs are then the steady state of a poller."""
+    # Each request reaches one process or another at random: an id asked for k times is
+    # still missing from a given process (of two) with odds 2**-k. A short first run gives
+    # the rate that sizes the fill.
+    first = max(1.0, measure_throughput(base, ids, 3, 8)["rps"])
+    measure_throughput(base, ids, max(3, round(FILL_PASSES * WRK_IDS / first)), 8)
 
 
 def measure_throughput(
@@ -344,12 +351,7 @@ def report(
     server = f"{args.jobs} jobs in PostgreSQL, {args.api_workers} gunicorn workers " + (
         api_worker_class(base)
     )
-    # A poller asks for the same jobs again and again: the figures are the steady state, once
-    # every API process keeps the answers of the ids wrk asks for. Each request reaches one
-    # process or the other at random, so an id asked for k times is still missing from a
-    # given process with odds 2**-k: the warm-up asks for each about FILL_PASSES times.
-    fill = max(3, round(FILL_PASSES * WRK_IDS / first_rate(base, ids)))
-    measure_throughput(base, ids, fill, 8)
+    fill_answers(base, ids)  # a poller asks for the same jobs again and again
     runs = {}
     for connections in (int(c) for c in args.connections.split(",")):
         for name, chosen in (("finished", ids), ("running", running)):
