@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     reaper_interval_seconds: float = Field(10.0, gt=0)
     requeue_grace_seconds: float = Field(60.0, ge=0)
+    store_wait_seconds: float = Field(
+        120.0, ge=0,
+        description="how long a running job waits for an artifact store that does not "
+        "answer before it is handed back to the queue",
+    )  # fmt: skip
     visibility_timeout_seconds: int = Field(12 * 3600, gt=0)
 
     # HTTP API.

@@ -426,10 +426,21 @@ def requeue(
     session_factory: SessionFactory, lease: Lease, *, max_attempts: int, reason: str
 ) -> JobStatus | None:
     """Hand a running job back now for infrastructure trouble; the attempt counts, and a job
-    out of attempts ends failed with ``reason``. The new status, or None when fenced."""
+    out of attempts ends failed with ``reason``. A job whose cancel (or whose sweep's prune)
+    was asked for ends so instead. The new status, or None when fenced."""
     now = utcnow()
     running = (_mine(lease), Job.status == JobStatus.RUNNING)
+    ended = {"lease_token": None, "lease_expires_at": None, "finished_at": now}
     with transaction(session_factory) as session:
+        for asked, status, line in (
+            (Job.cancel_requested, JobStatus.CANCELLED, "cancellation had been asked for"),
+            (Job.prune_requested, JobStatus.PRUNED, "its sweep had stopped it"),
+        ):
+            if _changed_one(
+                session, update(Job).where(*running, asked).values(status=status, **ended)
+            ):
+                events.status_changed(session, lease.job_id, "finished", f"{reason}; {line}")
+                return status
         if _changed_one(
             session,
             update(Job)

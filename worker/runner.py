@@ -6,8 +6,9 @@ rows under the lease, and ends it. Training writes into a scratch folder of this
 each finished file is uploaded to the artifact store before its row is recorded, and the
 scratch folder is removed when the job ends here. It never raises for Celery to retry: a
 training error fails the job; infrastructure loss (this process dies, the database goes
-away) leaves the lease to expire and a reaper requeues the job; a store that stays away
-hands the job back at once.
+away) leaves the lease to expire and a reaper requeues the job; a store that does not
+answer is waited for (the lease held, the job paused) for ``store_wait_seconds``, and a
+store that stays away longer hands the job back.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import os
 import shutil
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError
@@ -52,6 +54,13 @@ logger = logging.getLogger(__name__)
 # Set in a pool child when its worker shuts down (see worker.celery_main): the running job
 # stops at its next log interval and is handed back to the queue at once.
 SHUTDOWN = threading.Event()
+
+T = TypeVar("T")
+
+# The first wait after a store call failed (botocore has retried it already), doubled after
+# each failure up to the longest.
+STORE_RETRY_FIRST_SECONDS = 1.0
+STORE_RETRY_LONGEST_SECONDS = 15.0
 
 
 class Outcome(enum.StrEnum):
@@ -243,7 +252,10 @@ class JobWriter:
         # Uploaded before the row is written: a row always names a whole object. A worker
         # fenced out after its upload has written the same deterministic file its
         # successor writes, and records nothing.
-        self.ctx.store.put(self.lease.job_id, name, path, sha256=sha256)
+        patiently(
+            self.ctx, self.flags, self.lease.job_id, f"upload of {name}",
+            lambda: self.ctx.store.put(self.lease.job_id, name, path, sha256=sha256),
+        )  # fmt: skip
         self._fenced(leases.record_artifact(
             self.ctx.session_factory, self.lease, name=name, kind=kind, size=size, sha256=sha256
         ))  # fmt: skip
@@ -254,6 +266,32 @@ class JobWriter:
         if not written:
             self.flags.lost.set()
             raise LeaseLost(f"job {self.lease.job_id}: lease taken over, writing nothing more")
+
+
+def patiently(
+    ctx: WorkerContext, flags: StopFlags, job_id: str, what: str, call: Callable[[], T]
+) -> T:
+    """``call()``, tried again while the artifact store is unavailable, for up to
+    ``store_wait_seconds`` with growing waits. The heartbeat keeps the lease meanwhile, so a
+    store outage shorter than that pauses the job instead of costing it an attempt. Gives up
+    (StoreUnavailable) sooner when the job must stop: lease lost, cancelled or shutting down."""
+    deadline = time.monotonic() + ctx.settings.store_wait_seconds
+    delay = STORE_RETRY_FIRST_SECONDS
+    while True:
+        try:
+            return call()
+        except StoreUnavailable as exc:
+            left = deadline - time.monotonic()
+            if left <= 0 or flags.should_stop():
+                raise
+            wait = min(delay, left)
+            logger.warning(
+                "job %s: %s: artifact store unavailable (%s); trying again in %.0f s",
+                job_id, what, exc, wait,
+            )  # fmt: skip
+            if flags.lost.wait(wait):
+                raise
+            delay = min(delay * 2, STORE_RETRY_LONGEST_SECONDS)
 
 
 def to_record(point: MetricPoint) -> MetricRecord:
@@ -395,16 +433,18 @@ def _run_claimed(ctx: WorkerContext, lease: Lease) -> Outcome:
             logger.exception("job %s: database error, leaving the job to the reaper", lease.job_id)
             return Outcome.ABANDONED
         except StoreUnavailable as exc:
-            # Infrastructure too: the job goes back to the queue now (the attempt counts, so
-            # a store that never comes back ends it failed after max_attempts).
+            # Infrastructure too, and waited for already: the job goes back to the queue,
+            # where a worker that reaches the store may take it (the attempt counts, so a
+            # store that never comes back ends it failed after max_attempts).
             logger.exception("job %s: artifact store unavailable, requeueing", lease.job_id)
             status = leases.requeue(
                 ctx.session_factory, lease, max_attempts=ctx.settings.max_attempts,
                 reason=f"the artifact store stayed unavailable: {exc}",
             )  # fmt: skip
-            return {JobStatus.QUEUED: Outcome.REQUEUED, JobStatus.FAILED: Outcome.FAILED}.get(
-                status or JobStatus.RUNNING, Outcome.LOST
-            )
+            return {
+                JobStatus.QUEUED: Outcome.REQUEUED, JobStatus.FAILED: Outcome.FAILED,
+                JobStatus.CANCELLED: Outcome.CANCELLED, JobStatus.PRUNED: Outcome.PRUNED,
+            }.get(status or JobStatus.RUNNING, Outcome.LOST)  # fmt: skip
         except Exception as exc:
             logger.exception("job %s: training failed", lease.job_id)
             leases.finish(
@@ -434,7 +474,10 @@ def _train(ctx: WorkerContext, lease: Lease, flags: StopFlags) -> Outcome:
     train = load_split(settings.data_dir, train=True, download=settings.download_mnist)
     test = load_split(settings.data_dir, train=False, download=settings.download_mnist)
     point = resume_point(factory, lease.job_id, spec)
-    resume = fetch_resume(ctx, lease.job_id, point)
+    resume = patiently(
+        ctx, flags, lease.job_id, "download of its checkpoint",
+        lambda: fetch_resume(ctx, lease.job_id, point),
+    )  # fmt: skip
     history = [to_record(p) for p in resume.metrics] if resume else []
     # A requeued job's log keeps the lines up to its checkpoint; the rest is trained again.
     own_epoch = point[1] if point is not None and point[0] == lease.job_id else -1

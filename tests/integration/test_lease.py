@@ -327,6 +327,23 @@ def test_requeue_hands_the_job_back_and_counts_the_attempt(factory: Factory) -> 
     assert row.error_message == "store down (gave up after 2 attempts)"
 
 
+@pytest.mark.parametrize(
+    ("asked", "ended"), [("cancel_requested", "cancelled"), ("prune_requested", "pruned")]
+)
+def test_a_job_handed_back_ends_as_asked_when_a_cancel_or_prune_is_pending(
+    factory: Factory, asked: str, ended: str
+) -> None:
+    job_id = add_job(factory)
+    lease = claim(factory, job_id)
+    assert lease is not None
+    with factory.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values({asked: True}))
+    assert leases.requeue(factory, lease, max_attempts=3, reason="store down") == ended
+    row = get(factory, job_id)
+    assert (row.status, row.lease_token) == (ended, None)
+    assert row.finished_at is not None
+
+
 def test_a_running_cap_per_user_lets_other_users_jobs_go_first(factory: Factory) -> None:
     with factory() as session, session.begin():
         session.add_all([User(id=1, name="busy"), User(id=2, name="other")])

@@ -39,12 +39,13 @@ class Cluster:
         self.workers: list[Process] = []
         self._names = itertools.count(1)
 
-    def worker(self, concurrency: int = 1) -> Process:
-        """Start a worker in a folder of its own, with its own var and scratch folders."""
+    def worker(self, concurrency: int = 1, **settings: str) -> Process:
+        """Start a worker in a folder of its own, with its own var and scratch folders and
+        any other ``MNISTQ_*`` ``settings``."""
         home = self.root / f"worker-{next(self._names)}"
         home.mkdir()
-        env = self.env | {"MNISTQ_VAR_DIR": str(home / "var"),
-                          "MNISTQ_SCRATCH_DIR": str(home / "scratch")}  # fmt: skip
+        env = self.env | settings | {"MNISTQ_VAR_DIR": str(home / "var"),
+                                     "MNISTQ_SCRATCH_DIR": str(home / "scratch")}  # fmt: skip
         args = ["worker", "--queues", "cpu", "--concurrency", str(concurrency)]
         process = Process(args, env, home / "worker.log", cwd=home).start()
         self.workers.append(process)
@@ -60,6 +61,19 @@ class Cluster:
                     return str(worker["id"])
             time.sleep(0.2)
         pytest.fail(f"worker {process.popen.pid} never became live: {process.tail()}")
+
+    def stop_workers(self, timeout: float = 30) -> None:
+        """Stop every worker still running as ``docker stop`` would, then wait until the
+        registry lists none but lost ones (a killed worker's row ages out in three heartbeats), so
+        the next test starts with no worker but its own."""
+        for process in self.workers:
+            if process.popen is not None and process.popen.poll() is None:
+                process.terminate(timeout)
+        self.workers.clear()
+        deadline = time.monotonic() + timeout
+        while any(w["state"] != "lost" for w in self.api.get("/workers")["items"]):
+            assert time.monotonic() < deadline, self.api.get("/workers")["items"]
+            time.sleep(0.2)
 
     def stop(self) -> None:
         """Kill every process."""
@@ -93,6 +107,13 @@ def cluster(
     system.api.start()
     yield system
     system.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_worker_left(cluster: Cluster) -> Iterator[None]:
+    """Each test starts the workers it counts on, and leaves none behind."""
+    yield
+    cluster.stop_workers()
 
 
 def ran_on(cluster: Cluster, job_id: str) -> str | None:
@@ -142,8 +163,8 @@ def test_a_job_killed_on_one_machine_resumes_on_another_from_the_object_store(
     )
     assert not Path(cluster.env["MNISTQ_ARTIFACT_DIR"]).exists()
     # The worker that finished the job cleaned its scratch folder; the killed one could not.
-    assert not (cluster.root / "worker-2" / "scratch" / job_id).exists()
-    assert (cluster.root / "worker-1" / "scratch" / job_id).exists()
+    assert not (second.cwd / "scratch" / job_id).exists()
+    assert (first.cwd / "scratch" / job_id).exists()
     # A prediction loads model.pth through the store too.
     answer = cluster.api.http.post(
         f"{cluster.api.base}/api/v1/jobs/{job_id}/predict", data=digit_png(),
@@ -151,13 +172,12 @@ def test_a_job_killed_on_one_machine_resumes_on_another_from_the_object_store(
     )  # fmt: skip
     assert answer.status_code == 200, answer.text
     assert 0 <= answer.json()["digit"] <= 9
-    second.kill()
 
 
 def test_queued_jobs_start_by_priority_then_age_and_their_positions_say_so(
     cluster: Cluster,
 ) -> None:
-    worker = cluster.worker()
+    cluster.worker()
     blocker = cluster.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
     cluster.api.wait(blocker, lambda j: j["status"] == "running")
     ids = {}
@@ -176,7 +196,6 @@ def test_queued_jobs_start_by_priority_then_age_and_their_positions_say_so(
     assert (cpu["queued"], cpu["running"], cpu["live_workers"]) == (4, 1, 1)
     assert cpu["oldest_wait_seconds"] > 0
     assert all(job["status"] == "succeeded" for job in jobs)
-    worker.kill()
 
 
 def test_a_draining_worker_finishes_its_job_takes_no_other_and_exits(cluster: Cluster) -> None:
@@ -203,10 +222,22 @@ def test_a_draining_worker_finishes_its_job_takes_no_other_and_exits(cluster: Cl
     # Both ran on one host: the drain's control message reached only the drained worker.
     assert "Canceling queue" in draining.tail(100_000)
     assert "Canceling queue" not in other.tail(100_000)
-    other.kill()
 
 
-def test_a_store_outage_while_a_job_trains_loses_no_job_and_no_artifact(
+def log_of(cluster: Cluster, job_id: str) -> str:
+    """The job's whole log, one line per entry."""
+    lines = cluster.api.get(f"/jobs/{job_id}/logs?limit=1000")["lines"]
+    return "\n".join(line["message"] for line in lines)
+
+
+def every_artifact_is_whole(cluster: Cluster, job_id: str) -> None:
+    """Each recorded artifact downloads with its recorded sha256: rows follow uploads."""
+    for artifact in cluster.api.get(f"/jobs/{job_id}/artifacts")["items"]:
+        body = cluster.api.http.get(f"{cluster.api.base}{artifact['url']}", timeout=30)
+        assert hashlib.sha256(body.content).hexdigest() == artifact["sha256"], artifact["name"]
+
+
+def test_a_job_waits_out_a_store_outage_and_goes_on_without_losing_its_attempt(
     cluster: Cluster,
 ) -> None:
     worker = cluster.worker()
@@ -214,15 +245,36 @@ def test_a_store_outage_while_a_job_trains_loses_no_job_and_no_artifact(
     cluster.api.wait(job_id, lambda j: j["status"] == "running")
     cluster.s3.stop()  # the upload of its next file fails, after botocore's retries
     try:
-        handed_back = cluster.api.wait(job_id, lambda j: j["status"] != "running", timeout=120)
+        deadline = time.monotonic() + 60
+        while "artifact store unavailable" not in worker.tail(100_000):
+            assert time.monotonic() < deadline, worker.tail()
+            time.sleep(0.2)
+        assert cluster.api.job(job_id)["status"] == "running"  # paused, its lease held
     finally:
         cluster.s3.start()
-    assert (handed_back["status"], handed_back["attempt"]) == ("queued", 1), handed_back
+    job = cluster.api.wait_finished(job_id, timeout=180)
+    assert (job["status"], job["attempt"]) == ("succeeded", 1), job["error"]
+    assert "requeued" not in log_of(cluster, job_id)
+    assert "trying again in" in worker.tail(100_000)
+    every_artifact_is_whole(cluster, job_id)
+
+
+def test_a_store_outage_longer_than_the_wait_hands_the_job_back_and_loses_nothing(
+    cluster: Cluster,
+) -> None:
+    # Short waits, and attempts to spare while the store starts again.
+    worker = cluster.worker(MNISTQ_STORE_WAIT_SECONDS="4", MNISTQ_MAX_ATTEMPTS="5")
+    job_id = cluster.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
+    cluster.api.wait(job_id, lambda j: j["status"] == "running")
+    cluster.s3.stop()
+    try:
+        deadline = time.monotonic() + 90
+        while "the artifact store stayed unavailable" not in log_of(cluster, job_id):
+            assert time.monotonic() < deadline, worker.tail()
+            time.sleep(0.2)
+    finally:
+        cluster.s3.start()
     job = cluster.api.wait_finished(job_id, timeout=180)
     assert job["status"] == "succeeded" and job["attempt"] >= 2, job["error"]
-    # Every recorded artifact is a whole object: rows were written only after their upload.
-    for artifact in cluster.api.get(f"/jobs/{job_id}/artifacts")["items"]:
-        body = cluster.api.http.get(f"{cluster.api.base}{artifact['url']}", timeout=30)
-        assert hashlib.sha256(body.content).hexdigest() == artifact["sha256"], artifact["name"]
+    every_artifact_is_whole(cluster, job_id)
     assert "artifact store unavailable, requeueing" in worker.tail(100_000)
-    worker.kill()
