@@ -54,9 +54,10 @@ def test_configure_threads_zero_means_all_usable_cores() -> None:
         torch.set_num_threads(before)
 
 
-# Steps of fast_cnn on random input; page faults per step once five steps have warmed it up.
+# Steps of fast_cnn on random input; the median page faults of ten steps once five steps
+# have warmed it up (the median: a step that grows the heap once is not what a step costs).
 _FAULTS_PER_STEP = """
-import resource, sys, torch
+import resource, statistics, sys, torch
 import torch.nn.functional as F
 from worker.training.devices import configure_threads
 from worker.training.nets import FastNet
@@ -70,10 +71,12 @@ def step():
     F.nll_loss(model(x), y).backward()
 for _ in range(5):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(statistics.median(faults))
 """
 
 
@@ -89,7 +92,7 @@ def test_a_configured_process_reuses_freed_activation_memory() -> None:
     # far less than others: the most of three runs is what the default costs.
     default = max(_faults_per_step("default") for _ in range(3))
     tuned = _faults_per_step("tuned")
-    assert default > 300
+    assert default > 150
     assert tuned < default / 5  # configured: the freed blocks are reused
 
 
