@@ -111,10 +111,20 @@ def stack(
 
 @pytest.fixture(scope="module")
 def trained(stack: Stack) -> dict[str, Any]:
-    """A one-epoch job (created in the first test), trained to ≥ 0.93 test accuracy."""
+    """A one-epoch job trained to ≥ 0.93 test accuracy, and how it looked while it ran:
+    watched here, so whichever test of the module comes first, the run is seen running."""
     body = {"name": "one epoch", "hyperparameters": {"n_epochs": 1, "log_interval": 5, **ACCURATE}}
     created = stack.api.submit(body)
-    return {"created": created, "submitted_at": time.monotonic()}
+    submitted_at = time.monotonic()
+    running = stack.api.wait(
+        created["id"], lambda j: j["status"] == "running" and j["progress"]["step"] > 0
+    )
+    latency = time.monotonic() - submitted_at
+    later = stack.api.wait(
+        created["id"],
+        lambda j: j["progress"]["samples_seen"] > running["progress"]["samples_seen"],
+    )
+    return {"created": created, "running": running, "later": later, "latency": latency}
 
 
 def sha256(data: bytes) -> str:
@@ -127,16 +137,12 @@ def test_a_submitted_job_runs_and_reports_progress_to_success(
     created = trained["created"]
     assert (created["status"], created["queue"], created["attempt"]) == ("queued", "cpu", 0)
     job_id = created["id"]
-    running = stack.api.wait(
-        job_id, lambda j: j["status"] == "running" and j["progress"]["step"] > 0
-    )
-    latency = time.monotonic() - trained["submitted_at"]
-    later = stack.api.wait(
-        job_id, lambda j: j["progress"]["samples_seen"] > running["progress"]["samples_seen"]
-    )
+    running, later = trained["running"], trained["later"]
+    assert running["status"] == "running" and running["progress"]["step"] > 0
     assert later["status"] in ("running", "succeeded")
+    assert later["progress"]["samples_seen"] > running["progress"]["samples_seen"]
     job = stack.api.wait_finished(job_id)
-    print(f"submit → running with progress: {latency:.2f}s")
+    print(f"submit → running with progress: {trained['latency']:.2f}s")
     assert job["status"] == "succeeded", job["error"]
     assert (job["attempt"], job["device_used"]) == (1, "cpu")
     assert job["test_accuracy"] >= 0.93
