@@ -491,12 +491,16 @@ def maps_torch(pid: int) -> bool:
         return False
 
 
-def wait_for_warm_child(worker: Process, timeout: float = 60) -> int:
-    """The pid of one of the worker's pool children once it has torch loaded (warmed up)."""
+def wait_for_warm_child(stack: Stack, timeout: float = 60) -> int:
+    """The pid of one of the worker's idle pool children once it has torch loaded (warmed
+    up). A child recorded on any job is not idle: it ran its one job and is on its way out."""
+    worker = stack.worker
     assert worker.popen is not None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        warm = [pid for pid in child_pids(worker.popen.pid) if maps_torch(pid)]
+        with stack.db() as session:
+            ran = set(session.scalars(select(Job.worker_pid).where(Job.worker_pid.is_not(None))))
+        warm = [pid for pid in child_pids(worker.popen.pid) if pid not in ran and maps_torch(pid)]
         if warm:
             return warm[0]
         time.sleep(0.1)
@@ -509,7 +513,7 @@ def test_the_prefork_parent_never_loads_torch_and_each_job_gets_a_fresh_warm_chi
     assert stack.worker.popen is not None
     parent = stack.worker.popen.pid
     # Before any job: the idle child has imported torch (and read MNIST); the parent has not.
-    idle = wait_for_warm_child(stack.worker)
+    idle = wait_for_warm_child(stack)
     assert not maps_torch(parent)
     job_id = stack.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
     running = stack.api.wait(job_id, lambda j: j["status"] == "running" and j["lease"])
@@ -526,7 +530,7 @@ def test_the_prefork_parent_never_loads_torch_and_each_job_gets_a_fresh_warm_chi
     # One job per child: the process that ran it is gone, a fresh one warms up in its place;
     # the parent still has no torch.
     assert trainer not in child_pids(parent)
-    assert wait_for_warm_child(stack.worker) != trainer
+    assert wait_for_warm_child(stack) != trainer
     assert not maps_torch(parent)
 
 
