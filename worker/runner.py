@@ -150,6 +150,17 @@ class StopFlags:
         stopped = self.lost.is_set() or self.cancel.is_set() or self.prune.is_set()
         return stopped or SHUTDOWN.is_set()
 
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, waking within a quarter second of a reason to stop;
+        True when there is one."""
+        deadline = time.monotonic() + seconds
+        while not self.should_stop():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.lost.wait(min(left, 0.25))
+        return True
+
 
 class Heartbeat:
     """A thread that renews the lease every ``heartbeat_seconds`` and raises stop flags."""
@@ -253,7 +264,7 @@ class JobWriter:
         # fenced out after its upload has written the same deterministic file its
         # successor writes, and records nothing.
         patiently(
-            self.ctx, self.flags, self.lease.job_id, f"upload of {name}",
+            self.ctx.settings, self.flags, self.lease.job_id, f"upload of {name}",
             lambda: self.ctx.store.put(self.lease.job_id, name, path, sha256=sha256),
         )  # fmt: skip
         self._fenced(leases.record_artifact(
@@ -269,13 +280,13 @@ class JobWriter:
 
 
 def patiently(
-    ctx: WorkerContext, flags: StopFlags, job_id: str, what: str, call: Callable[[], T]
+    settings: Settings, flags: StopFlags, job_id: str, what: str, call: Callable[[], T]
 ) -> T:
     """``call()``, tried again while the artifact store is unavailable, for up to
     ``store_wait_seconds`` with growing waits. The heartbeat keeps the lease meanwhile, so a
     store outage shorter than that pauses the job instead of costing it an attempt. Gives up
     (StoreUnavailable) sooner when the job must stop: lease lost, cancelled or shutting down."""
-    deadline = time.monotonic() + ctx.settings.store_wait_seconds
+    deadline = time.monotonic() + settings.store_wait_seconds
     delay = STORE_RETRY_FIRST_SECONDS
     while True:
         try:
@@ -289,7 +300,7 @@ def patiently(
                 "job %s: %s: artifact store unavailable (%s); trying again in %.0f s",
                 job_id, what, exc, wait,
             )  # fmt: skip
-            if flags.lost.wait(wait):
+            if flags.wait(wait):
                 raise
             delay = min(delay * 2, STORE_RETRY_LONGEST_SECONDS)
 
@@ -475,7 +486,7 @@ def _train(ctx: WorkerContext, lease: Lease, flags: StopFlags) -> Outcome:
     test = load_split(settings.data_dir, train=False, download=settings.download_mnist)
     point = resume_point(factory, lease.job_id, spec)
     resume = patiently(
-        ctx, flags, lease.job_id, "download of its checkpoint",
+        settings, flags, lease.job_id, "download of its checkpoint",
         lambda: fetch_resume(ctx, lease.job_id, point),
     )  # fmt: skip
     history = [to_record(p) for p in resume.metrics] if resume else []
