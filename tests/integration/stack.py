@@ -155,6 +155,17 @@ class Api:
             job = self.job(job_id)
         return job
 
+    def log_lines(self, job_id: str) -> list[dict[str, Any]]:
+        """Every line of the job's log, page after page."""
+        lines: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            page = self.get(f"/jobs/{job_id}/logs?after={after}&limit=50")
+            lines += page["lines"]
+            if page["complete"] or not page["lines"]:
+                return lines
+            after = page["next_after"]
+
     def wait_finished(self, job_id: str, timeout: float = 90) -> dict[str, Any]:
         """Poll until the job is succeeded, failed or cancelled."""
         finished = ("succeeded", "failed", "cancelled")

@@ -151,18 +151,6 @@ def test_a_submitted_job_runs_and_reports_progress_to_success(
     assert (progress["epoch"], progress["step"]) == (1, progress["steps_per_epoch"])
 
 
-def log_of(stack: Stack, job_id: str) -> list[dict[str, Any]]:
-    """Every line of the job's log, page after page."""
-    lines: list[dict[str, Any]] = []
-    after = 0
-    while True:
-        page = stack.api.get(f"/jobs/{job_id}/logs?after={after}&limit=50")
-        lines += page["lines"]
-        if page["complete"] or not page["lines"]:
-            return lines
-        after = page["next_after"]
-
-
 TRAIN_LINE = re.compile(r"Train Epoch: (\d+) \[(\d+)/60000 \((\d+)%\)\]\tLoss: \d+\.\d{6}")
 TEST_LINE = re.compile(r"Test set: Avg\. loss: \d+\.\d{4}, Accuracy: (\d+)/10000 \((\d+)%\)")
 
@@ -171,7 +159,7 @@ def test_a_one_epoch_jobs_log_holds_the_claim_then_the_seeds_lines_once_each(
     stack: Stack, trained: dict[str, Any]
 ) -> None:
     job = stack.api.wait_finished(trained["created"]["id"])
-    lines = log_of(stack, job["id"])
+    lines = stack.api.log_lines(job["id"])
     messages = [line["message"] for line in lines]
     assert re.fullmatch(r"claimed by worker \w+ \(pid \d+\) on host .+, attempt 1", messages[0])
     assert messages[1] == "training from scratch on cpu"
@@ -429,7 +417,7 @@ def test_a_killed_workers_job_is_requeued_and_finished_by_a_fresh_worker(stack: 
     assert [m["epoch"] for m in job["test_metrics"]] == [0, 1, 2]
     steps = [p["step"] for p in stack.api.get(f"/jobs/{job_id}/metrics")["train"]]
     assert all(a < b for a, b in itertools.pairwise(steps)), steps
-    _assert_resumed_log(log_of(stack, job_id))
+    _assert_resumed_log(stack.api.log_lines(job_id))
 
 
 def _assert_resumed_log(lines: list[dict[str, Any]]) -> None:
