@@ -7,7 +7,7 @@ then it times, in this process and against that database:
   GET job      GET /api/v1/jobs/<random finished id> through the Flask app, as the jobs' owner
   list page    GET /api/v1/jobs (the owner's newest 50)
   position     the queue position of the last queued job (shared.workers.queue_positions)
-  claim        shared.lease.claim_next on the cpu queue, as a worker's child claims
+  claim        shared.lease.claim_next on the cpu queue, as a worker's job process claims
   reaper pass  worker.reaper.reap_once (requeue expired leases, re-publish due rows)
 
 and prints p50/p99 in milliseconds per size. Then it runs tiny jobs (1 epoch of one batch,
@@ -193,7 +193,7 @@ def dispatch(tiny_jobs: int, slots: int) -> dict[str, float]:
     work = Path(f"/tmp/mnistq-scale-{uuid.uuid4().hex[:6]}")
     work.mkdir(parents=True)
     with stack(work, slots=slots, extra_env={"MNISTQ_MAX_TRAIN_BATCHES": "1"}) as (base, _, _):
-        # One job first: the worker is up and both children have warmed at least once.
+        # One job first: the worker is up and its job processes have warmed at least once.
         poll_until(base, submit(base, {"n_epochs": 1}), {"succeeded"}, 0.1, timeout=300)
         time.sleep(15)
         t0 = time.perf_counter()

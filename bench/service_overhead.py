@@ -125,32 +125,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def warm_children(log: Path) -> int:
-    """Pool children of the worker that have logged their warm-up so far."""
+def warm_processes(log: Path) -> int:
+    """Job processes of the worker that have logged their warm-up so far."""
     return log.read_text(errors="replace").count("warmed up in") if log.exists() else 0
 
 
 def wait_warm(log: Path, count: int, timeout: float = 300) -> None:
-    """Block until ``count`` pool children have warmed up: the worker is idle and warm."""
+    """Block until ``count`` job processes have warmed up: the worker is idle and warm."""
     deadline = time.monotonic() + timeout
-    while warm_children(log) < count:
+    while warm_processes(log) < count:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the worker's pool child never warmed up; see {log}")
+            raise TimeoutError(f"the worker's job process never warmed up; see {log}")
         time.sleep(0.05)
 
 
 def measure_latency(base: str, samples: int, log: Path) -> list[float]:
-    """Submit, see it running, cancel it, wait for the worker's next child to be warm."""
+    """Submit, see it running, cancel it, wait for the worker's next job process to be warm."""
     latencies = []
     for _ in range(samples):
-        warmed = warm_children(log)
+        warmed = warm_processes(log)
         t0 = time.perf_counter()
         job_id = submit(base, {"n_epochs": 1})
         poll_until(base, job_id, {"running", "succeeded", "failed"}, interval=0.005)
         latencies.append(time.perf_counter() - t0)
         HTTP.post(f"{base}/api/v1/jobs/{job_id}/cancel", timeout=10)
         poll_until(base, job_id, {"cancelled", "succeeded", "failed"}, interval=0.05)
-        wait_warm(log, warmed + 1)  # the child that replaced it: "idle warm worker"
+        wait_warm(log, warmed + 1)  # the job process forked for the next job: "idle warm worker"
     return latencies
 
 
@@ -158,11 +158,11 @@ def measure_job_wall(
     base: str, env: dict[str, str], hp: dict[str, Any], log: Path
 ) -> tuple[float, float]:
     """(seconds through the system, seconds for `mnistq train`) for the same 1-epoch job."""
-    warmed = warm_children(log)
+    warmed = warm_processes(log)
     t0 = time.perf_counter()
     job = poll_until(base, submit(base, hp), {"succeeded", "failed", "cancelled"}, 0.05)
     system = time.perf_counter() - t0
-    wait_warm(log, warmed + 1)  # its replacement warms up while `mnistq train` runs
+    wait_warm(log, warmed + 1)  # the next job's process warms up while `mnistq train` runs
     assert job["status"] == "succeeded", job
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in hp.items()]
     with tempfile.TemporaryDirectory() as out:
@@ -330,7 +330,7 @@ def admin_token(env: dict[str, str]) -> str:
 def report(
     base: str, env: dict[str, str], database_url: str, args: argparse.Namespace, log: Path
 ) -> None:
-    wait_warm(log, 1)  # the worker's first child: up, warm and idle
+    wait_warm(log, 1)  # the worker's first job process: up, warm and idle
     lat = measure_latency(base, args.samples, log)
     if lat:
         print(

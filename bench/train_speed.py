@@ -5,7 +5,7 @@
 
 Both sides train the same net (the tutorial's), with the same hyperparameters (batch 64,
 SGD lr 0.01 momentum 0.5, log every 10 batches) and the same thread count, each round in a
-fresh process of its own: the seed as its script runs, the engine set up as a worker child
+fresh process of its own: the seed as its script runs, the engine set up as a job process
 sets itself up (``configure_threads``). Then it measures jobs per hour for two concurrent
 single-thread jobs (two processes) against one two-thread job, and the wall seconds
 ``fast_cnn`` with its recommended settings takes to reach 99 % test accuracy.
@@ -85,7 +85,7 @@ def engine_epoch(data_dir: Path, max_batches: int | None) -> tuple[float, float]
 def side(name: str, data_dir: Path, threads: int, max_batches: int | None) -> None:
     """A round's process: one epoch of the seed (``name`` "seed") or of the engine; prints s."""
     if name == "engine":
-        configure_threads(threads)  # what a worker child does before its job
+        configure_threads(threads)  # what a job process does before its job
         load_split(data_dir, train=True, download=False)  # the worker's one-off load, not timed
         seconds, cpu = engine_epoch(data_dir, max_batches)
     else:
@@ -199,7 +199,7 @@ def profile(data_dir: Path, threads: int, steps: int) -> None:
 
     configure_threads(threads)
     load_split(data_dir, train=True, download=False)
-    engine_epoch(data_dir, 20)  # kernels and allocator warm, as in a worker child
+    engine_epoch(data_dir, 20)  # kernels and allocator warm, as in a job process
     with profiled(activities=[ProfilerActivity.CPU]) as prof:
         engine_epoch(data_dir, steps)
     print(f"threads {threads}, {steps} engine steps")

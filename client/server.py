@@ -149,8 +149,9 @@ def worker_command(queues: str, concurrency: int | None, loglevel: str) -> None:
     # A node name of its own (Celery's default, celery@host, repeats for every worker on a
     # machine): a control message for this worker, such as a drain's, reaches only it.
     argv += ["--hostname", f"mnistq-{os.getpid()}@%h"]
-    # A new process per job: memory (and CUDA state) of one job never leaks into the next.
-    argv += ["--loglevel", loglevel, "--prefetch-multiplier", "1", "--max-tasks-per-child", "1"]
+    # Each pool child serves job after job, each job in a fresh process forked from it
+    # (worker.job_process): memory (and CUDA state) of one job never leaks into the next.
+    argv += ["--loglevel", loglevel, "--prefetch-multiplier", "1"]
     app.worker_main(argv)
 
 

@@ -1,4 +1,4 @@
-"""The pool child's warm-up gate: its task claims only once the warm-up is over, and its
+"""A job process's warm-up gate: its job is claimed only once the warm-up is over, and its
 arrival cuts the warm-up short; and children forked while threads use SQLite."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_a_failed_warm_up_is_logged_and_lets_the_task_run(
 
     warm_up_in_background(broken)
     assert wait_until_warm(5)
-    assert "warming up this pool child failed" in caplog.text
+    assert "warming up this job process failed" in caplog.text
 
 
 def test_a_waiting_task_cuts_the_warm_up_short(caplog: pytest.LogCaptureFixture) -> None:

@@ -19,6 +19,7 @@ from celery.signals import (
     task_prerun,
     worker_init,
     worker_process_init,
+    worker_process_shutdown,
     worker_ready,
     worker_shutting_down,
 )
@@ -28,22 +29,27 @@ from shared.celery_app import CPU_QUEUE, GPU_QUEUE, make_celery
 from shared.config import Settings
 from shared.db import make_session_factory
 from shared.workers import running_jobs
+from worker.job_process import JobProcesses
 from worker.maintenance import MaintenanceLoop
-from worker.pool import warm_up_in_background
 from worker.registry import RegistryBeat
-from worker.runner import SHUTDOWN, make_worker_engine, prepare_claim
+from worker.runner import SHUTDOWN, make_worker_engine, prepare_claim, run_job
 from worker.tasks import make_context, register_tasks
 
 logger = logging.getLogger(__name__)
 
-# Sent by the parent to its pool children when the worker shuts down.
+# Sent by the parent to its pool children when the worker shuts down; a child passes it on
+# to its job process.
 HAND_BACK_SIGNAL = signal.SIGUSR2
+# How long the parent waits for a new pool child to report: the child imports torch and the
+# engine and maps MNIST before it does (Celery's 4 s is too short on a busy machine).
+CHILD_START_SECONDS = 120.0
 
 
 settings = Settings()
 app = make_celery(settings)
 # Celery's prefork pool, replacing the child that ran a job without a 5 s wait.
 app.conf.worker_pool = "worker.pool:JobPool"
+app.conf.worker_proc_alive_timeout = CHILD_START_SECONDS
 
 
 def _drain() -> None:
@@ -72,7 +78,33 @@ def _exit_when_idle() -> None:
 # The registry id is made here, before the pool forks, so every child records it at claim.
 registry = RegistryBeat(settings, on_drain=_drain)
 context = make_context(settings, app, worker_id=registry.worker_id)
-register_tasks(app, context)
+
+
+def _job_process_started() -> None:
+    """First in each job process: connections of its own; the hand-back stops its job."""
+    context.after_fork()
+    signal.signal(HAND_BACK_SIGNAL, lambda *_: SHUTDOWN.set())
+
+
+def _prepare_job(job_waiting: Callable[[], bool]) -> None:
+    """While a job process waits for its job: torch's threads and a first fit of each model
+    (CUDA's too on a GPU worker), cut short once ``job_waiting()``."""
+    import torch
+
+    from worker.training.warmup import warm_up
+
+    cuda = GPU_QUEUE in app.amqp.queues.consume_from and torch.cuda.is_available()
+    warm_up(settings.data_dir, threads=context.threads or settings.train_threads,
+            download=settings.download_mnist, cuda=cuda, job_waiting=job_waiting)  # fmt: skip
+
+
+job_processes = JobProcesses(
+    started=_job_process_started,
+    prepare=_prepare_job,
+    run=lambda job_id: str(run_job(context, job_id)),
+    hand_back=HAND_BACK_SIGNAL,
+)
+register_tasks(app, context, job_processes.run)
 
 _controller: list[Any] = []
 _maintenance: list[MaintenanceLoop] = []
@@ -93,7 +125,8 @@ def _concurrency() -> int:
 @worker_process_init.connect
 def _child_started(**_: Any) -> None:
     """In each pool child: a lower CPU priority, fresh DB connections, its share of the cores,
-    no early hand-back."""
+    no early hand-back; then, on a training worker, what every job needs and the process of
+    its first job, forked ahead."""
     # First, while this is the child's only thread: every thread it starts inherits it.
     # Training takes every core it is given; the worker's own loop, its reaper and an API on
     # the same machine then still answer at once, and an idle machine trains as fast.
@@ -106,21 +139,33 @@ def _child_started(**_: Any) -> None:
     # every signal that is neither ignored nor default-less, so an idle child would die.
     signal.signal(HAND_BACK_SIGNAL, signal.SIG_IGN)
     if {CPU_QUEUE, GPU_QUEUE} & set(app.amqp.queues.consume_from):
-        warm_up_in_background(_prepare_child)
+        started = time.monotonic()
+        _prepare_template()
+        logger.info(TEMPLATE_MESSAGE, os.getpid(), time.monotonic() - started)
+        job_processes.fork_ahead()
 
 
-def _prepare_child(job_waiting: Callable[[], bool]) -> None:
-    """While this child waits for its one job: the database, torch, MNIST, a first fit (cut
-    short once ``job_waiting()``)."""
-    # Imported here, in the child: the prefork parent never loads torch.
-    import torch
+TEMPLATE_MESSAGE = "pool child %d ready to fork job processes after %.1f s"
 
-    from worker.training.warmup import warm_up
 
-    prepare_claim(context)  # the claim finds a connection open and its statements compiled
-    cuda = GPU_QUEUE in app.amqp.queues.consume_from and torch.cuda.is_available()
-    warm_up(settings.data_dir, threads=context.threads or settings.train_threads,
-            download=settings.download_mnist, cuda=cuda, job_waiting=job_waiting)  # fmt: skip
+@worker_process_shutdown.connect
+def _child_exits(**_: Any) -> None:
+    """The job process forked ahead goes with its pool child, before the worker exits."""
+    job_processes.close()
+
+
+def _prepare_template() -> None:
+    """What every job of this child needs, done once: the database, torch and the engine,
+    MNIST. Nothing that starts a thread pool or CUDA: the job processes are forks of this.
+    A failure here is the job's to meet again, and to fail with."""
+    try:
+        # Imported here, in the child: the prefork parent never loads torch.
+        from worker.training.warmup import prepare_template
+
+        prepare_claim(context)  # a job's claim finds its statements compiled
+        prepare_template(settings.data_dir, download=settings.download_mnist)
+    except Exception:
+        logger.warning("preparing this pool child for its jobs failed", exc_info=True)
 
 
 @worker_ready.connect
@@ -138,8 +183,14 @@ def _start_maintenance() -> None:
 
 @task_prerun.connect
 def _listen_for_hand_back(**_: Any) -> None:
-    """While a task runs, the hand-back signal stops it at its next log interval."""
-    signal.signal(HAND_BACK_SIGNAL, lambda *_: SHUTDOWN.set())
+    """From a child's first task on, the hand-back signal reaches its job processes: the one
+    that runs stops at its next log interval, a later one at its first."""
+    signal.signal(HAND_BACK_SIGNAL, _hand_back)
+
+
+def _hand_back(_signum: int, _frame: Any) -> None:
+    SHUTDOWN.set()
+    job_processes.forward()
 
 
 @worker_shutting_down.connect

@@ -1,5 +1,5 @@
-"""The prefork pool the workers run: Celery's own, replacing a finished child promptly, with
-children that warm up while they wait for their one job."""
+"""The prefork pool the workers run: Celery's own, replacing a lost child promptly, and the
+warm-up a job process does while it waits for its one job (see ``worker.job_process``)."""
 
 from __future__ import annotations
 
@@ -20,17 +20,18 @@ logger = logging.getLogger(__name__)
 
 # How often the pool makes sure it has all its children, at the longest.
 MAINTAIN_SECONDS = 0.25
-# A task waits at most this long for its child's warm-up, then runs cold.
+# A job waits at most this long for its process's warm-up, then runs cold.
 WARM_UP_TIMEOUT_SECONDS = 300.0
 
-# Logged by a child once warm; bench/service_overhead.py waits for it to measure a warm worker.
-WARM_MESSAGE = "pool child %d warmed up in %.1f s"
-CUT_SHORT_MESSAGE = "pool child %d: its job arrived after %.1f s of warming up, which it cut short"
+# Logged by a job process once warm; bench/service_overhead.py waits for it to measure a warm
+# worker.
+WARM_MESSAGE = "job process %d warmed up in %.1f s"
+CUT_SHORT_MESSAGE = "job process %d: its job arrived after %.1f s of warming up, which it cut short"
 
-# Set in a child once its warm-up is over (or when it has none): its task may claim.
+# Set in a process once its warm-up is over (or when it has none): its job may be claimed.
 _warm = threading.Event()
 _warm.set()
-# Set when the child's task has arrived and waits: the warm-up does only what the job needs.
+# Set when the process's job has arrived and waits: the warm-up does only what the job needs.
 _job_waiting = threading.Event()
 
 
@@ -49,9 +50,9 @@ class PromptAsynPool(ForkAfterSqlite, AsynPool):
 
     @property
     def timers(self) -> dict[Callable[[], None], float]:
-        # One job per child (--max-tasks-per-child 1) makes every job end in a child exit.
-        # The exit is usually seen at once, but when it is not, the replacement waited for
-        # the next 5 s maintenance and a job submitted to an idle worker waited with it.
+        # A child that died (killed with its job, say) is usually replaced at once, but when
+        # its exit is not seen, the replacement waited for the next 5 s maintenance and a
+        # job submitted to the worker waited with it.
         return {self.maintain_pool: MAINTAIN_SECONDS}
 
 
@@ -68,14 +69,14 @@ class JobPool(TaskPool):
 
 
 def warm_up_in_background(prepare: Callable[[Callable[[], bool]], None]) -> None:
-    """In a fresh pool child: run ``prepare`` in a thread; ``wait_until_warm`` waits for it.
+    """In a fresh job process: run ``prepare`` in a thread; ``wait_until_warm`` waits for it.
 
-    ``prepare`` is given a check that turns true once the child's job has arrived: what the
-    job needs anyway (imports, data) it finishes, what only speeds up a later job's start
-    (the kernels' first fits) it leaves for the job to pay, as a cold child's job does.
+    ``prepare`` is given a check that turns true once the process's job has arrived: what
+    the job needs anyway it finishes, what only speeds up a later job's start (the kernels'
+    first fits) it leaves for the job to pay, as a cold process's job does.
     """
-    # A thread, not the init hook itself: the parent waits only seconds for a new child to
-    # report, and warming (torch, MNIST, a first fit) may take longer on a busy machine.
+    # A thread: the process waits for its job meanwhile, and a job that comes early cuts
+    # the warm-up short instead of waiting for every model's kernels.
     _job_waiting.clear()
     _warm.clear()
     threading.Thread(target=_run, args=(prepare,), name="warm-up", daemon=True).start()
@@ -89,15 +90,15 @@ def _run(prepare: Callable[[Callable[[], bool]], None]) -> None:
         logger.info(message, os.getpid(), time.monotonic() - started)
     except Exception:
         # The job repeats whatever failed here and fails with the reason, if it still fails.
-        logger.warning("warming up this pool child failed", exc_info=True)
+        logger.warning("warming up this job process failed", exc_info=True)
     finally:
         _warm.set()
 
 
 def wait_until_warm(timeout: float = WARM_UP_TIMEOUT_SECONDS) -> bool:
-    """Say the job is here, then block until this child's warm-up is over (cut short where it
-    can be); False if it took longer than ``timeout``."""
-    # With a backlog every fresh child gets its job at once: warming up the kernels of every
-    # model first would only delay it.
+    """Say the job is here, then block until this process's warm-up is over (cut short where
+    it can be); False if it took longer than ``timeout``."""
+    # With a backlog every fresh job process gets its job at once: warming up the kernels of
+    # every model first would only delay it.
     _job_waiting.set()
     return _warm.wait(timeout)

@@ -127,10 +127,11 @@ class WorkerContext:
         return Path(self.settings.scratch_dir).absolute() / job_id
 
     def after_fork(self) -> None:
-        """Drop connections inherited from the parent without closing them under it."""
+        """Drop connections inherited from the parent without closing them under it. The
+        engine stays, with the statements it has compiled; its pool starts empty."""
         if self._engine is not None:
             self._engine.dispose(close=False)
-        self._engine, self._factory, self._store = None, None, None
+        self._store = None  # its HTTP connections are the parent's too
 
 
 class LeaseLost(Exception):

@@ -1,4 +1,4 @@
-"""A pool child's warm-up: it fits every model briefly, and the job after it is unchanged."""
+"""A job process's warm-up: it fits every model briefly, and the job after it is unchanged."""
 
 from __future__ import annotations
 

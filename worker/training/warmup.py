@@ -23,6 +23,21 @@ def _never() -> bool:
     return False
 
 
+def prepare_template(data_dir: Path, *, download: bool) -> None:
+    """Load what every job needs into a process that forks the jobs' processes: torch and the
+    engine's modules, ``torch._dynamo`` (``torch.optim`` imports it on first use, and it takes
+    about as long as torch itself) and MNIST's tensors.
+
+    Single-threaded and without CUDA, so that a fork of this process is sound: a fork inherits
+    neither an OpenMP thread pool (whose threads it would not have) nor a CUDA context.
+    """
+    import torch._dynamo
+
+    torch.set_num_threads(1)  # reading MNIST afresh normalizes it: not in a thread pool here
+    load_split(data_dir, train=True, download=download)
+    load_split(data_dir, train=False, download=download)
+
+
 def warm_up(
     data_dir: Path,
     *,
