@@ -87,11 +87,14 @@ def _job_process_started() -> None:
 
 
 def _prepare_job(job_waiting: Callable[[], bool]) -> None:
-    """While a job process waits for its job: torch's threads and a first fit of each model
-    (CUDA's too on a GPU worker), cut short once ``job_waiting()``."""
+    """While a job process waits for its job: a database connection of its own, torch's
+    threads and a first fit of each model (CUDA's too on a GPU worker), the fits cut short
+    once ``job_waiting()``."""
     import torch
 
     from worker.training.warmup import warm_up
+
+    prepare_claim(context)  # the claim finds its connection open
 
     cuda = GPU_QUEUE in app.amqp.queues.consume_from and torch.cuda.is_available()
     warm_up(settings.data_dir, threads=context.threads or settings.train_threads,
