@@ -43,11 +43,12 @@ HAND_BACK_SIGNAL = signal.SIGUSR2
 # How long the parent waits for a new pool child to report: the child imports torch and the
 # engine and maps MNIST before it does (Celery's 4 s is too short on a busy machine).
 CHILD_START_SECONDS = 120.0
+TEMPLATE_MESSAGE = "pool child %d ready to fork job processes after %.1f s"
 
 
 settings = Settings()
 app = make_celery(settings)
-# Celery's prefork pool, replacing the child that ran a job without a 5 s wait.
+# Celery's prefork pool, replacing a child that died without a 5 s wait.
 app.conf.worker_pool = "worker.pool:JobPool"
 app.conf.worker_proc_alive_timeout = CHILD_START_SECONDS
 
@@ -146,9 +147,6 @@ def _child_started(**_: Any) -> None:
         _prepare_template()
         logger.info(TEMPLATE_MESSAGE, os.getpid(), time.monotonic() - started)
         job_processes.fork_ahead()
-
-
-TEMPLATE_MESSAGE = "pool child %d ready to fork job processes after %.1f s"
 
 
 @worker_process_shutdown.connect
