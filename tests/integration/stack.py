@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -41,10 +42,13 @@ class Process:
         return self
 
     def kill(self) -> None:
-        """SIGKILL the process and every child it has: a machine gone, no goodbyes."""
-        if self.popen is not None and self.popen.poll() is None:
+        """SIGKILL the process and every child it has: a machine gone, no goodbyes. Its
+        session's other processes too when it has exited already, so that none outlives it."""
+        if self.popen is None:
+            return
+        with contextlib.suppress(ProcessLookupError):  # nothing of its session is left
             os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(timeout=10)
+        self.popen.wait(timeout=10)
 
     def terminate(self, timeout: float = 30, signum: int = signal.SIGTERM) -> int:
         """Signal the main process (SIGTERM, as docker stop does) and wait for it to exit."""

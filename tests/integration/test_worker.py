@@ -611,11 +611,12 @@ def test_a_frozen_worker_loses_its_job_and_writes_nothing_after_it_wakes(stack: 
     job = stack.api.wait(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] >= 6)
     mine = runs(stack.worker, job)
     frozen, stack.worker = (stack.worker, other) if mine else (other, stack.worker)
-    assert frozen.popen is not None and runs(frozen, job)
-    frozen_token = lease_token(stack, job_id)
-    os.killpg(frozen.popen.pid, signal.SIGSTOP)  # the whole worker, as a paused VM
-    stopped = time.monotonic()
-    try:
+    assert frozen.popen is not None
+    try:  # the frozen worker is this test's to stop, whatever fails
+        assert runs(frozen, job)
+        frozen_token = lease_token(stack, job_id)
+        os.killpg(frozen.popen.pid, signal.SIGSTOP)  # the whole worker, as a paused VM
+        stopped = time.monotonic()
         stack.api.wait(job_id, lambda j: (j["status"], j["attempt"]) == ("running", 2), 60)
         taken_after = time.monotonic() - stopped
         taker_token = lease_token(stack, job_id)
