@@ -18,8 +18,9 @@ from worker.training.metrics import MetricPoint
 ROWS, COLS = 3, 4
 
 # examples.png by what it shows (a digest of its digits and labels). Every job on the same
-# data draws the same figure; a worker's child drew it once while warming up, so its job
-# writes the kept bytes instead of spending a third of a second drawing it again.
+# data draws the same figure; a worker's pool child draws it once before it forks the jobs'
+# processes, so each job writes the kept bytes instead of spending a third of a second
+# drawing it again.
 _examples: dict[str, bytes] = {}
 _EXAMPLES_KEPT = 4
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from shared.schemas import Hyperparameters
+from worker.training import plots
 from worker.training.data import load_split
 from worker.training.devices import configure_threads
 from worker.training.loop import Hooks, fit
@@ -26,7 +27,7 @@ def _never() -> bool:
 def prepare_template(data_dir: Path, *, download: bool) -> None:
     """Load what every job needs into a process that forks the jobs' processes: torch and the
     engine's modules, ``torch._dynamo`` (``torch.optim`` imports it on first use, and it takes
-    about as long as torch itself) and MNIST's tensors.
+    about as long as torch itself), MNIST's tensors and the drawn ``examples.png``.
 
     Single-threaded and without CUDA, so that a fork of this process is sound: a fork inherits
     neither an OpenMP thread pool (whose threads it would not have) nor a CUDA context.
@@ -34,8 +35,11 @@ def prepare_template(data_dir: Path, *, download: bool) -> None:
     import torch._dynamo
 
     torch.set_num_threads(1)  # reading MNIST afresh normalizes it: not in a thread pool here
-    load_split(data_dir, train=True, download=download)
+    train = load_split(data_dir, train=True, download=download)
     load_split(data_dir, train=False, download=download)
+    # Kept by the plots module for every job on this data (and matplotlib's fonts loaded).
+    with tempfile.TemporaryDirectory(prefix="mnistq-template-") as out:
+        plots.save_examples(train, Path(out) / "examples.png")
 
 
 def warm_up(
