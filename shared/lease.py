@@ -428,43 +428,53 @@ def requeue(
     """Hand a running job back now for infrastructure trouble; the attempt counts, and a job
     out of attempts ends failed with ``reason``. A job whose cancel (or whose sweep's prune)
     was asked for ends so instead. The new status, or None when fenced."""
-    now = utcnow()
     running = (_mine(lease), Job.status == JobStatus.RUNNING)
-    ended = {"lease_token": None, "lease_expires_at": None, "finished_at": now}
+    failed = f"{reason} (gave up after {max_attempts} attempts)"
     with transaction(session_factory) as session:
-        for asked, status, line in (
-            (Job.cancel_requested, JobStatus.CANCELLED, "cancellation had been asked for"),
-            (Job.prune_requested, JobStatus.PRUNED, "its sweep had stopped it"),
-        ):
-            if _changed_one(
-                session, update(Job).where(*running, asked).values(status=status, **ended)
-            ):
-                events.status_changed(session, lease.job_id, "finished", f"{reason}; {line}")
-                return status
-        if _changed_one(
-            session,
-            update(Job)
-            .where(*running, Job.attempt < max_attempts)
-            .values(
-                status=JobStatus.QUEUED, lease_token=None, lease_expires_at=None,
-                queued_at=now, published_at=None,
-            ),
-        ):  # fmt: skip
-            events.status_changed(session, lease.job_id, "requeued", f"{reason}: queued again")
-            return JobStatus.QUEUED
-        message = f"{reason} (gave up after {max_attempts} attempts)"
-        if _changed_one(
-            session,
-            update(Job)
+        row = session.execute(
+            select(Job.attempt, Job.cancel_requested, Job.prune_requested)
             .where(*running)
-            .values(
-                status=JobStatus.FAILED, lease_token=None, lease_expires_at=None,
-                finished_at=now, error_message=message,
-            ),
-        ):  # fmt: skip
-            events.status_changed(session, lease.job_id, "finished", f"failed: {message}")
-            return JobStatus.FAILED
-    return None
+            .with_for_update()
+        ).first()
+        if row is None:
+            return None
+        values = _handed_back(
+            row.attempt, cancel=row.cancel_requested, prune=row.prune_requested,
+            max_attempts=max_attempts, now=utcnow(), failed_message=failed,
+        )  # fmt: skip
+        session.execute(update(Job).where(*running).values(**values))
+        status = JobStatus(str(values["status"]))
+        kind, line = {
+            JobStatus.CANCELLED: ("finished", f"{reason}; cancellation had been asked for"),
+            JobStatus.PRUNED: ("finished", f"{reason}; its sweep had stopped it"),
+            JobStatus.QUEUED: ("requeued", f"{reason}: queued again"),
+            JobStatus.FAILED: ("finished", f"failed: {failed}"),
+        }[status]
+        events.status_changed(session, lease.job_id, kind, line)
+        return status
+
+
+def _handed_back(
+    attempt: int, *, cancel: bool, prune: bool, max_attempts: int, now: datetime,
+    failed_message: str,
+) -> dict[str, object]:  # fmt: skip
+    """The columns of a running job taken from its worker (handed back, or its lease
+    expired): ended as asked (a cancel, then a sweep's prune: it was not going to go on
+    anyway), queued again while it has attempts left, else failed with ``failed_message``."""
+    ended = {"lease_token": None, "lease_expires_at": None, "finished_at": now}
+    if cancel:
+        return {"status": JobStatus.CANCELLED, **ended}
+    if prune:
+        return {"status": JobStatus.PRUNED, **ended}
+    if attempt >= max_attempts:
+        return {"status": JobStatus.FAILED, "error_message": failed_message, **ended}
+    return {
+        "status": JobStatus.QUEUED,
+        "lease_token": None,
+        "lease_expires_at": None,
+        "queued_at": now,
+        "published_at": None,
+    }
 
 
 @dataclass(frozen=True)
@@ -488,7 +498,15 @@ def requeue_expired(session_factory: SessionFactory, *, max_attempts: int) -> Ex
         ).all()
     done = Expired([], [], [])
     for job_id, token, attempt, cancel, prune in rows:
-        outcome, values = _expiry_outcome(attempt, cancel, max_attempts, now, prune=prune)
+        failed = (
+            f"the worker running this job stopped responding {attempt} times "
+            f"(max_attempts={max_attempts}); the workers kept dying, giving up"
+        )
+        values = _handed_back(
+            attempt, cancel=cancel, prune=prune, max_attempts=max_attempts, now=now,
+            failed_message=failed,
+        )  # fmt: skip
+        outcome = str(values["status"])
         if _take_expired(session_factory, job_id, token, now, values):
             {
                 "queued": done.requeued, "failed": done.failed,
@@ -496,29 +514,6 @@ def requeue_expired(session_factory: SessionFactory, *, max_attempts: int) -> Ex
             }[outcome].append(job_id)  # fmt: skip
             logger.warning("job %s: lease expired on attempt %d → %s", job_id, attempt, outcome)
     return done
-
-
-def _expiry_outcome(
-    attempt: int, cancel: bool, max_attempts: int, now: datetime, *, prune: bool = False
-) -> tuple[str, dict[str, object]]:
-    ended = {"lease_token": None, "lease_expires_at": None, "finished_at": now}
-    if cancel:
-        return "cancelled", {"status": JobStatus.CANCELLED, **ended}
-    if prune:  # a sweep trial its controller stopped: it was not going to go on anyway
-        return "pruned", {"status": JobStatus.PRUNED, **ended}
-    if attempt >= max_attempts:
-        message = (
-            f"the worker running this job stopped responding {attempt} times "
-            f"(max_attempts={max_attempts}); the workers kept dying, giving up"
-        )
-        return "failed", {"status": JobStatus.FAILED, "error_message": message, **ended}
-    return "queued", {
-        "status": JobStatus.QUEUED,
-        "lease_token": None,
-        "lease_expires_at": None,
-        "queued_at": now,
-        "published_at": None,
-    }
 
 
 def _take_expired(
@@ -554,6 +549,8 @@ def _expired_line(values: dict[str, object]) -> str:
         return f"{lost}; queued again, to resume from its newest checkpoint"
     if status == JobStatus.CANCELLED:
         return f"{lost}; cancellation had been asked for: cancelled"
+    if status == JobStatus.PRUNED:
+        return f"{lost}; its sweep had stopped it: pruned"
     return f"{lost}; failed: {values.get('error_message')}"
 
 

@@ -17,7 +17,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import lease as leases
 from shared import sweep_lease
 from shared.config import Settings
-from shared.models import Job, JobStatus, Metric, Sweep, SweepStatus, utcnow
+from shared.models import (
+    EventKind,
+    Job,
+    JobEvent,
+    JobStatus,
+    Metric,
+    Sweep,
+    SweepStatus,
+    utcnow,
+)
 from shared.sweep_schemas import SweepCreate
 from shared.sweeps import create_sweep
 from tests.api.conftest import RecordingPublisher
@@ -288,6 +297,16 @@ def test_a_prune_request_reaches_the_heartbeat_and_an_expired_one_ends_pruned(
     expired = leases.requeue_expired(factory, max_attempts=3)
     assert expired.pruned == [other.job_id]
     assert [j.status for j in trials(factory, sweep_id)] == [JobStatus.PRUNED] * 2
+    with factory() as session:
+        lines = session.scalars(
+            select(JobEvent.message).where(
+                JobEvent.job_id == other.job_id, JobEvent.kind == EventKind.LOG
+            )
+        ).all()
+    assert lines[-1] == (
+        "lease lost: the worker stopped renewing it (killed, frozen or cut off); "
+        "its sweep had stopped it: pruned"
+    )
 
 
 @pytest.mark.parametrize("method", ["random", "tpe"])
