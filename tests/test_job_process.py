@@ -112,9 +112,9 @@ def test_a_forwarded_signal_reaches_the_running_job_and_every_later_one(
     assert outcome == ["handed back"]
     # The worker is going away: no process is forked ahead, and a job that still comes is
     # told as soon as its process listens (the signal waits for that, it is not lost).
-    assert processes._next is None
+    assert processes.ahead is None
     assert processes.run(str(second)) == "handed back"
-    assert processes._next is None
+    assert processes.ahead is None
     assert not HANDED_BACK.is_set()  # only the job processes were told
 
 
@@ -142,24 +142,24 @@ def test_a_job_process_killed_mid_job_is_reported_as_died(tmp_path: Path) -> Non
 def test_a_process_forked_ahead_that_died_while_waiting_is_replaced(tmp_path: Path) -> None:
     processes = JobProcesses(_nothing, _no_warm_up, _pid_and_template)
     processes.fork_ahead()
-    ahead = processes._next
+    ahead = processes.ahead
     assert ahead is not None
-    os.kill(ahead.pid, signal.SIGKILL)
-    assert _gone(ahead.pid)
+    os.kill(ahead, signal.SIGKILL)
+    assert _gone(ahead)
     ran_in = int(processes.run("a", then_fork_ahead=False).split()[3])
-    assert ran_in != ahead.pid
+    assert ran_in != ahead
     processes.close()
 
 
 def test_close_ends_the_process_forked_ahead_and_reaps_it() -> None:
     processes = JobProcesses(_nothing, _no_warm_up, _pid_and_template)
     processes.fork_ahead()
-    ahead = processes._next
+    ahead = processes.ahead
     assert ahead is not None
     processes.close()
     with pytest.raises(ChildProcessError):
-        os.waitpid(ahead.pid, os.WNOHANG)  # already reaped: not a child any more
-    assert _gone(ahead.pid, timeout=0.1)
+        os.waitpid(ahead, os.WNOHANG)  # already reaped: not a child any more
+    assert _gone(ahead, timeout=0.1)
 
 
 def test_a_job_process_dies_with_the_process_that_forked_it(tmp_path: Path) -> None:
@@ -169,8 +169,7 @@ def test_a_job_process_dies_with_the_process_that_forked_it(tmp_path: Path) -> N
         try:
             processes = JobProcesses(_nothing, _no_warm_up, _pid_and_template)
             processes.fork_ahead()
-            assert processes._next is not None
-            pid_file.write_text(str(processes._next.pid))
+            pid_file.write_text(str(processes.ahead))
             time.sleep(60)
         finally:
             os._exit(0)

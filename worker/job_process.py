@@ -102,6 +102,11 @@ class JobProcesses:
         self._running: JobProcess | None = None
         self._handing_back = False  # forwarded once: every later job gets it too
 
+    @property
+    def ahead(self) -> int | None:
+        """The pid of the process forked for the next job, if there is one."""
+        return self._next.pid if self._next is not None else None
+
     def fork_ahead(self) -> None:
         """Fork the process of the next job now, so that it warms up before the job comes.
 
