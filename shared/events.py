@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import Row, delete, select
 from sqlalchemy.orm import Session
 
 from shared import webhooks
@@ -36,11 +36,21 @@ def line(message: str, *, epoch: int | None = None, reason: str | None = None) -
     return NewEvent(kind=EventKind.LOG, message=message, epoch=epoch, reason=reason)
 
 
-def append(session: Session, job_id: str, events: Sequence[NewEvent]) -> None:
-    """Add ``events`` to the job's history, stamped with its current attempt."""
+# What a status event tells of the job; a writer that has these columns already (from its
+# UPDATE's RETURNING) passes them to ``status_changed``, which then reads nothing.
+STATE = (Job.status, Job.attempt, Job.worker_hostname, Job.error_message, Job.test_loss,
+         Job.test_accuracy)  # fmt: skip
+
+
+def append(
+    session: Session, job_id: str, events: Sequence[NewEvent], *, attempt: int | None = None
+) -> None:
+    """Add ``events`` to the job's history, stamped with its current ``attempt`` (read from
+    the row when not given)."""
     if not events:
         return
-    attempt = session.scalar(select(Job.attempt).where(Job.id == job_id)) or 0
+    if attempt is None:
+        attempt = session.scalar(select(Job.attempt).where(Job.id == job_id)) or 0
     session.add_all(
         JobEvent(
             job_id=job_id, kind=e.kind, attempt=attempt, epoch=e.epoch, reason=e.reason,
@@ -51,13 +61,17 @@ def append(session: Session, job_id: str, events: Sequence[NewEvent]) -> None:
     session.flush()
 
 
-def status_changed(session: Session, job_id: str, reason: str, message: str) -> None:
-    """A status event with the job's state as it now is in this transaction, and its line;
-    for an end state, the webhook deliveries of ``job.succeeded`` / ``failed`` / ``cancelled``."""
-    row = session.execute(
-        select(Job.status, Job.attempt, Job.worker_hostname, Job.error_message,
-               Job.test_loss, Job.test_accuracy).where(Job.id == job_id)
-    ).one()  # fmt: skip
+def status_changed(
+    session: Session,
+    job_id: str,
+    reason: str,
+    message: str,
+    state: Row[*tuple[Any, ...]] | None = None,
+) -> None:
+    """A status event with the job's state as it now is in this transaction (``state``: its
+    ``STATE`` columns, read here when not given), and its line; for an end state, the webhook
+    deliveries of ``job.succeeded`` / ``failed`` / ``cancelled``."""
+    row = state or session.execute(select(*STATE).where(Job.id == job_id)).one()
     status = JobStatus(row.status)
     data: dict[str, Any] = {
         "status": status.value, "attempt": row.attempt, "reason": reason,
@@ -69,7 +83,7 @@ def status_changed(session: Session, job_id: str, reason: str, message: str) -> 
     append(session, job_id, [
         line(message, reason=reason),
         NewEvent(kind=EventKind.STATUS, data=data, reason=reason),
-    ])  # fmt: skip
+    ], attempt=row.attempt)  # fmt: skip
     if status.finished:
         # The webhook outbox, in the same transaction as the change it tells of.
         webhooks.enqueue_job_finished(session, job_id)

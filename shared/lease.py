@@ -181,7 +181,8 @@ def claim_next(
         .scalar_subquery()
     )
     with transaction(session_factory) as session:
-        job_id = session.scalar(
+        # One statement takes the job and returns what its claim line and status event tell.
+        row = session.execute(
             update(Job)
             .where(Job.id == best, Job.status == JobStatus.QUEUED)
             .values(
@@ -195,24 +196,21 @@ def claim_next(
                 worker_id=claimant.worker_id,
                 worker_pid=claimant.pid,
             )
-            .returning(Job.id),
+            .returning(Job.id, *events.STATE),
             execution_options={"synchronize_session": False},
-        )
-        if job_id is not None:
-            events.status_changed(session, job_id, "claimed", _claim_line(session, job_id))
-    return Lease(job_id, token) if job_id is not None else None
+        ).first()
+        if row is None:
+            return None
+        message = _claim_line(claimant, row.attempt)
+        events.status_changed(session, row.id, "claimed", message, state=row)
+    return Lease(row.id, token)
 
 
-def _claim_line(session: Session, job_id: str) -> str:
+def _claim_line(claimant: Claimant, attempt: int) -> str:
     """``claimed by worker … (pid …) on host …, attempt n``: the log's first line of an attempt."""
-    row = session.execute(
-        select(Job.worker_id, Job.worker_pid, Job.worker_hostname, Job.attempt).where(
-            Job.id == job_id
-        )
-    ).one()
-    worker = f"worker {row.worker_id}" if row.worker_id else "a worker"
-    pid = f" (pid {row.worker_pid})" if row.worker_pid else ""
-    return f"claimed by {worker}{pid} on host {row.worker_hostname}, attempt {row.attempt}"
+    worker = f"worker {claimant.worker_id}" if claimant.worker_id else "a worker"
+    pid = f" (pid {claimant.pid})" if claimant.pid else ""
+    return f"claimed by {worker}{pid} on host {claimant.hostname}, attempt {attempt}"
 
 
 def heartbeat(
@@ -235,12 +233,15 @@ def heartbeat(
     )
 
 
-def record_start(session_factory: SessionFactory, lease: Lease, *, device_used: str) -> bool:
-    """Note the device the job really runs on; False when fenced out."""
+def record_start(
+    session_factory: SessionFactory, lease: Lease, *, device_used: str, pid: int
+) -> bool:
+    """Note the device the job really runs on and the process that trains it (the one its
+    claim named, unless that one died before it got the job); False when fenced out."""
     with transaction(session_factory) as session:
         return _changed_one(
             session,
-            update(Job).where(_mine(lease)).values(device_used=device_used),
+            update(Job).where(_mine(lease)).values(device_used=device_used, worker_pid=pid),
         )
 
 

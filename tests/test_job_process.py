@@ -139,6 +139,18 @@ def test_a_job_process_killed_mid_job_is_reported_as_died(tmp_path: Path) -> Non
     assert outcome == ["died: SIGKILL"]
 
 
+def test_ready_names_the_process_forked_ahead_and_that_process_runs_the_job() -> None:
+    processes = JobProcesses(_nothing, _no_warm_up, _pid_and_template)
+    try:
+        named = processes.ready()  # forks one when none is ahead
+        assert processes.ready() == named == processes.ahead  # and keeps it until it runs
+        ran_in = int(processes.run("a").split()[3])
+        assert ran_in == named  # the pid a claim records is the trainer's
+        assert processes.ahead not in (None, named)  # the next job's, forked after it
+    finally:
+        processes.close()
+
+
 def test_a_process_forked_ahead_that_died_while_waiting_is_replaced(tmp_path: Path) -> None:
     processes = JobProcesses(_nothing, _no_warm_up, _pid_and_template)
     processes.fork_ahead()
@@ -146,8 +158,10 @@ def test_a_process_forked_ahead_that_died_while_waiting_is_replaced(tmp_path: Pa
     assert ahead is not None
     os.kill(ahead, signal.SIGKILL)
     assert _gone(ahead)
+    replacement = processes.ready()
+    assert replacement != ahead
     ran_in = int(processes.run("a", then_fork_ahead=False).split()[3])
-    assert ran_in != ahead
+    assert ran_in == replacement
     processes.close()
 
 

@@ -28,11 +28,20 @@ from celery.worker import state as worker_state
 from shared.celery_app import CPU_QUEUE, GPU_QUEUE, make_celery
 from shared.config import Settings
 from shared.db import make_session_factory
+from shared.lease import Lease
 from shared.workers import running_jobs
 from worker.job_process import JobProcesses
 from worker.maintenance import MaintenanceLoop
 from worker.registry import RegistryBeat
-from worker.runner import SHUTDOWN, make_worker_engine, prepare_claim, run_job
+from worker.runner import (
+    SHUTDOWN,
+    Outcome,
+    claim,
+    connect,
+    make_worker_engine,
+    prepare_claim,
+    run_claimed,
+)
 from worker.tasks import make_context, register_tasks
 
 logger = logging.getLogger(__name__)
@@ -95,20 +104,39 @@ def _prepare_job(job_waiting: Callable[[], bool]) -> None:
 
     from worker.training.warmup import warm_up
 
-    prepare_claim(context)  # the claim finds its connection open
+    connect(context)  # the job's first write finds its connection open
 
     cuda = GPU_QUEUE in app.amqp.queues.consume_from and torch.cuda.is_available()
     warm_up(settings.data_dir, threads=context.threads or settings.train_threads,
             download=settings.download_mnist, cuda=cuda, job_waiting=job_waiting)  # fmt: skip
 
 
+def _run_handed_over(job: str) -> str:
+    """In a job process: train the job its pool child claimed for it ("<job id> <token>")."""
+    job_id, token = job.split()
+    return str(run_claimed(context, Lease(job_id, token)))
+
+
 job_processes = JobProcesses(
     started=_job_process_started,
     prepare=_prepare_job,
-    run=lambda job_id: str(run_job(context, job_id)),
+    run=_run_handed_over,
     hand_back=HAND_BACK_SIGNAL,
 )
-register_tasks(app, context, job_processes.run)
+
+
+def _run(job_id: str) -> str:
+    """A message's task, in a pool child: claim the best queued job of its queue for the job
+    process forked ahead and run it there. The claim's statements are compiled once in this
+    long-lived child, not in each fresh job process; when nothing is queued, the process
+    forked ahead stays, warm, for the next message."""
+    lease = claim(context, job_id, job_processes.ready())
+    if lease is None:
+        return str(Outcome.SKIPPED)
+    return job_processes.run(f"{lease.job_id} {lease.token}")
+
+
+register_tasks(app, context, _run)
 
 _controller: list[Any] = []
 _maintenance: list[MaintenanceLoop] = []

@@ -4,9 +4,9 @@ A worker's pool child is a template. Once, as it starts, it imports torch and th
 maps MNIST and compiles the claim's statements; it never starts torch's thread pool or CUDA,
 so a fork of it is sound. Ahead of each job it forks a job process, which builds what the job
 needs (torch's threads, each model's kernels, CUDA where there is a GPU) while it waits, takes
-the one job id its pool child hands it, runs that job and exits. So a job pays no imports and
-no data, and nothing of one job (memory, threads, CUDA state) reaches the next; the pool
-child, which never trains, serves job after job.
+the one job its pool child hands it (claimed by the child already, for this process), runs
+it and exits. So a job pays no imports and no data, and nothing of one job (memory, threads,
+CUDA state) reaches the next; the pool child, which never trains, serves job after job.
 
 A job process dies with its pool child (``PR_SET_PDEATHSIG``), as a job run in the child
 itself did, and a signal the child should pass on (the worker's hand-back) is forwarded to
@@ -39,7 +39,7 @@ class JobProcess:
     """A forked job process, seen from its pool child: its pid and its two pipe ends."""
 
     pid: int
-    job_ids: int  # write end: the job id goes there, once
+    job_ids: int  # write end: the job goes there, once
     outcome: int  # read end: the outcome comes back, then end of file
     _status: int | None = field(default=None, init=False)  # once reaped
 
@@ -51,10 +51,10 @@ class JobProcess:
                 self._status = status
         return self._status is not None
 
-    def hand_over(self, job_id: str) -> bool:
+    def hand_over(self, job: str) -> bool:
         """Give the process its job; False if it is gone (it died while it waited)."""
         try:
-            os.write(self.job_ids, f"{job_id}\n".encode())
+            os.write(self.job_ids, f"{job}\n".encode())
             return True
         except BrokenPipeError:
             return False
@@ -82,11 +82,12 @@ class JobProcess:
 class JobProcesses:
     """The job processes of one pool child: one forked ahead, one running at most.
 
-    ``started`` runs first in each job process (connections, its handler of ``hand_back``);
-    ``prepare`` is its warm-up, given a check that turns true once its job has arrived (see
-    ``worker.pool.warm_up_in_background``); ``run`` runs a job id and returns its outcome.
-    ``hand_back`` is the signal ``forward`` passes on: a job process receives it only once
-    ``started`` has run (until then it is held back, not lost).
+        ``started`` runs first in each job process (connections, its handler of ``hand_back``);
+        ``prepare`` is its warm-up, given a check that turns true once its job has arrived (see
+        ``worker.pool.warm_up_in_background``); ``run`` runs a job (a line of text the pool child
+    hands over) and returns its outcome.
+        ``hand_back`` is the signal ``forward`` passes on: a job process receives it only once
+        ``started`` has run (until then it is held back, not lost).
     """
 
     def __init__(
@@ -116,18 +117,27 @@ class JobProcesses:
         if self._next is None and not self._handing_back:
             self._next = self._fork()
 
-    def run(self, job_id: str, *, then_fork_ahead: bool = True) -> str:
-        """Run ``job_id`` in a job process (the one forked ahead if it is still there)."""
+    def ready(self) -> int:
+        """The pid of the process that will run the next job: the one forked ahead, or a new
+        one if there is none or it died while it waited."""
+        if self._next is not None and self._next.exited():
+            os.close(self._next.job_ids)
+            self._next.wait()
+            self._next = None
+        if self._next is None:
+            self._next = self._fork()
+        return self._next.pid
+
+    def run(self, job: str, *, then_fork_ahead: bool = True) -> str:
+        """Run ``job`` (one line: what the job process's ``run`` is given) in the process
+        ``ready`` names, or in a new one if that one has died since."""
+        self.ready()
         process, self._next = self._next, None
-        if process is not None and process.exited():  # died while it waited
-            os.close(process.job_ids)
-            process.wait()
-            process = None
-        process = process or self._fork()
-        if not process.hand_over(job_id):  # died just now: the job was not claimed
+        assert process is not None
+        if not process.hand_over(job):  # died just now
             process.wait()
             process = self._fork()
-            process.hand_over(job_id)
+            process.hand_over(job)
         self._running = process
         if self._handing_back:  # asked before this process was running
             process.signal(self._hand_back)
@@ -176,7 +186,7 @@ class JobProcesses:
     def _serve(
         self, parent: int, mask: set[int | signal.Signals], job_ids: int, outcome: int
     ) -> NoReturn:
-        """The job process: warm up, wait for the job id, run it, report, exit."""
+        """The job process: warm up, wait for the job, run it, report, exit."""
         code = 1
         try:
             _die_with(parent)
@@ -185,10 +195,10 @@ class JobProcesses:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             warm_up_in_background(self._prepare)
             with os.fdopen(job_ids, "rb") as incoming:
-                job_id = incoming.readline().decode().strip()
-            if job_id:  # end of file: the pool child is gone or has no job after all
+                job = incoming.readline().decode().strip()
+            if job:  # end of file: the pool child is gone or has no job after all
                 wait_until_warm()
-                said = self._run(job_id)
+                said = self._run(job)
                 os.write(outcome, said.encode())
             code = 0
         except BaseException:

@@ -1,8 +1,9 @@
-"""Running one job in a pool child: claim, heartbeat, fenced writes, upload, resume, outcome.
+"""Running one job: claim, heartbeat, fenced writes, upload, resume, outcome.
 
-``run_job`` claims the best queued job of the queue a message came from (the message only
-says "there is work"), trains it with callbacks that write progress, metrics and artifact
-rows under the lease, and ends it. Training writes into a scratch folder of this machine;
+A pool child ``claim``s the best queued job of the queue a message came from (the message
+only says "there is work") for the job process it has forked ahead; that process's
+``run_claimed`` trains it with callbacks that write progress, metrics and artifact rows
+under the lease, and ends it. Training writes into a scratch folder of this machine;
 each finished file is uploaded to the artifact store before its row is recorded, and the
 scratch folder is removed when the job ends here. It never raises for Celery to retry: a
 training error fails the job; infrastructure loss (this process dies, the database goes
@@ -42,9 +43,9 @@ from shared.lease import Claimant, Lease, MetricRecord, ProgressUpdate
 from shared.models import Job, JobStatus
 from shared.schemas import Hyperparameters
 from shared.store import ArtifactStore, StoreUnavailable, make_store
-from shared.workers import is_draining
+from shared.workers import message_target
 
-if TYPE_CHECKING:  # torch only in the child process, inside run_job
+if TYPE_CHECKING:  # torch only in the job process, inside run_claimed
     from worker.training.checkpoints import Checkpoint
     from worker.training.loop import FitResult, Hooks, Progress
     from worker.training.metrics import MetricPoint
@@ -64,7 +65,7 @@ STORE_RETRY_LONGEST_SECONDS = 15.0
 
 
 class Outcome(enum.StrEnum):
-    """How ``run_job`` ended, for logs and tests."""
+    """How a message's job ended (``claim`` then ``run_claimed``), for logs and tests."""
 
     SKIPPED = "skipped"  # nothing queued: another worker took the work
     SUCCEEDED = "succeeded"
@@ -118,9 +119,10 @@ class WorkerContext:
             self._store = make_store(self.settings)
         return self._store
 
-    def claimant(self) -> Claimant:
-        """Who claims: this host, this worker's registry id, this process."""
-        return Claimant(hostname=self.hostname, worker_id=self.worker_id, pid=os.getpid())
+    def claimant(self, pid: int | None = None) -> Claimant:
+        """Who claims: this host, this worker's registry id, and the process that will train
+        (``pid``; this one when None)."""
+        return Claimant(self.hostname, self.worker_id, pid if pid is not None else os.getpid())
 
     def scratch(self, job_id: str) -> Path:
         """This machine's folder for the files of ``job_id`` before they are uploaded."""
@@ -390,10 +392,8 @@ def fetch_resume(
     return load_checkpoint(ctx.store.fetch(source, name, local))
 
 
-def named_queue(factory: sessionmaker[Session], job_id: str) -> str | None:
-    """The queue of the job a message names (the queue the message came from), if any."""
-    with factory() as session:
-        return session.scalar(select(Job.queue).where(Job.id == job_id))
+class Draining(Exception):
+    """An admin asked this worker to drain: it takes nothing new."""
 
 
 # A queue and a job id no row has: a claim of them takes nothing and changes nothing.
@@ -402,30 +402,44 @@ _NO_JOB = "0" * 32
 
 
 def prepare_claim(ctx: WorkerContext) -> None:
-    """What a task does before its job trains, done once with nothing to take: the database
-    connection opened and the statements compiled (SQLAlchemy caches them per process), so
-    the first claim of a fresh child is as quick as any later one."""
-    is_draining(ctx.session_factory, ctx.worker_id)
-    named_queue(ctx.session_factory, _NO_JOB)
+    """What a message's claim runs, done once with nothing to take: the database connection
+    opened and the statements compiled (SQLAlchemy caches them per process), so the first
+    claim of a fresh pool child is as quick as any later one."""
+    message_target(ctx.session_factory, _NO_JOB, ctx.worker_id)
     leases.claim_next(ctx.session_factory, [_NO_QUEUE], claimant=ctx.claimant(),
-                      lease_seconds=ctx.settings.lease_seconds)  # fmt: skip
+                      lease_seconds=ctx.settings.lease_seconds,
+                      max_running_per_user=ctx.settings.max_running_jobs_per_user)  # fmt: skip
 
 
-def run_job(ctx: WorkerContext, job_id: str) -> Outcome:
-    """Claim the best queued job of ``job_id``'s queue and run it."""
-    queue = named_queue(ctx.session_factory, job_id)
+def connect(ctx: WorkerContext) -> None:
+    """Open this process's database connection before its job's first write needs it."""
+    with ctx.session_factory() as session:
+        session.execute(select(1))
+
+
+def claim(ctx: WorkerContext, job_id: str, pid: int) -> Lease | None:
+    """Claim the best queued job of ``job_id``'s queue for the process ``pid`` to train;
+    None when nothing is queued there (another worker took the work); Draining when this
+    worker takes nothing new."""
+    queue, draining = message_target(ctx.session_factory, job_id, ctx.worker_id)
+    if draining:
+        raise Draining(f"worker {ctx.worker_id} is draining")
     lease = None
     if queue is not None:
         lease = leases.claim_next(
-            ctx.session_factory, [queue], claimant=ctx.claimant(),
+            ctx.session_factory, [queue], claimant=ctx.claimant(pid),
             lease_seconds=ctx.settings.lease_seconds,
             max_running_per_user=ctx.settings.max_running_jobs_per_user,
         )  # fmt: skip
     if lease is None:
         logger.info("message for job %s: nothing queued on its queue, skipping", job_id)
-        return Outcome.SKIPPED
-    if lease.job_id != job_id:
+    elif lease.job_id != job_id:
         logger.info("message for job %s: running job %s, first in its queue", job_id, lease.job_id)
+    return lease
+
+
+def run_claimed(ctx: WorkerContext, lease: Lease) -> Outcome:
+    """Train the job ``lease`` holds, in this process, and end it."""
     try:
         return _run_claimed(ctx, lease)
     finally:
@@ -480,7 +494,7 @@ def _train(ctx: WorkerContext, lease: Lease, flags: StopFlags) -> Outcome:
     except DeviceUnavailable as exc:
         leases.finish(factory, lease, JobStatus.FAILED, error_message=str(exc))
         return Outcome.FAILED
-    if not leases.record_start(factory, lease, device_used=str(device)):
+    if not leases.record_start(factory, lease, device_used=str(device), pid=os.getpid()):
         return Outcome.LOST
     hp = Hyperparameters.model_validate(spec.hyperparameters)
     train = load_split(settings.data_dir, train=True, download=settings.download_mnist)

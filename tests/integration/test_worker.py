@@ -507,7 +507,7 @@ def test_the_prefork_parent_never_loads_torch_and_each_job_gets_a_fresh_warm_pro
     assert maps_torch(child) and maps_torch(idle) and not maps_torch(parent)
     job_id = stack.api.submit({"hyperparameters": {"n_epochs": 1, **SLOW}})["id"]
     running = stack.api.wait(job_id, lambda j: j["status"] == "running" and j["lease"])
-    trainer = running["lease"]["pid"]  # recorded by the process that claimed the job
+    trainer = running["lease"]["pid"]  # the job process, recorded at claim
     children = child_pids(parent)
     assert trainer not in children  # not a pool child: a process one of them forked
     assert any(trainer in child_pids(c) for c in children)
