@@ -23,7 +23,7 @@ from api.dashboard_forms import Submission, form_fields, read_submission
 from api.db import get_session
 from api.errors import ApiError
 from api.extensions import services
-from api.jobs import publish_job
+from api.jobs import submit_job
 from api.limits import check_submit_rate
 from api.predict import image_body, predict_for_job
 from api.serialize import dump, job_json, jobs_json, sweeps_json, trials_json
@@ -33,7 +33,6 @@ from shared.jobs import (
     InvalidJobRequest,
     JobConflict,
     TooManyQueuedJobs,
-    create_job,
     get_job,
     list_jobs,
     request_cancel,
@@ -151,16 +150,7 @@ def _form(submission: Submission) -> ResponseReturnValue:
 def _submit(submission: Submission) -> str:
     """Store the job and publish it as POST /api/v1/jobs does; its id."""
     assert submission.body is not None
-    session = get_session()
-    job, _created = create_job(
-        session,
-        submission.body,
-        idempotency_key=None,
-        owner_id=g.user.id,
-        sees_all=g.user.is_admin,
-        max_queued=services().settings.max_queued_jobs_per_user,
-    )
-    publish_job(session, job)
+    job, _created = submit_job(get_session(), submission.body, None)
     return job.id
 
 

@@ -26,8 +26,8 @@ from shared.jobs import (
     request_cancel,
     set_priority,
 )
-from shared.lease import publish_stamped
-from shared.models import Job
+from shared.lease import publish_created
+from shared.models import Job, utcnow
 from shared.schemas import (
     MAX_METRIC_PAGE,
     JobCreate,
@@ -43,13 +43,28 @@ logger = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 
 
-def publish_job(session: Session, job: Job) -> None:
-    """Tell the workers; a broker outage leaves published_at NULL for the reaper to retry."""
-    try:
-        publish_stamped(session_factory(), job.id, job.queue, services().publish)
-    except BrokerUnavailable as exc:
-        logger.warning("job %s stored but not published (broker down): %s", job.id, exc)
-    session.refresh(job)
+def submit_job(session: Session, body: JobCreate, key: str | None) -> tuple[Job, bool]:
+    """Store the caller's job, stamped as published, and tell the workers; (job, created).
+    A broker outage leaves published_at NULL for the reaper to retry."""
+    user = current_user()
+    job, created = create_job(
+        session,
+        body,
+        idempotency_key=key,
+        owner_id=user.id,
+        sees_all=user.is_admin,
+        max_queued=services().settings.max_queued_jobs_per_user,
+        published_at=utcnow(),
+    )
+    if created:
+        assert job.published_at is not None
+        try:
+            publish_created(session_factory(), job.id, job.queue, job.published_at,
+                            services().publish)  # fmt: skip
+        except BrokerUnavailable as exc:
+            logger.warning("job %s stored but not published (broker down): %s", job.id, exc)
+            session.refresh(job)
+    return job, created
 
 
 @bp.post("")
@@ -72,18 +87,9 @@ def create() -> ResponseReturnValue:
     session = get_session()
     # The row is committed before publishing (outbox): a lost message is re-sent by the
     # reaper, a message for a row that does not exist could not be.
-    job, created = create_job(
-        session,
-        body,
-        idempotency_key=key,
-        owner_id=current_user().id,
-        sees_all=current_user().is_admin,
-        max_queued=services().settings.max_queued_jobs_per_user,
-    )
-    if created:
-        publish_job(session, job)
+    job, created = submit_job(session, body, key)
     location = url_for("jobs.get", job_id=job.id)
-    return job_json(session, job), 201 if created else 200, {"Location": location}
+    return job_json(session, job, new=created), 201 if created else 200, {"Location": location}
 
 
 @bp.get("")

@@ -215,8 +215,11 @@ def queue_status_out(session: Session, jobs: Sequence[Job]) -> dict[str, QueueSt
     }
 
 
-def job_json(session: Session, job: Job) -> dict[str, Any]:
-    """One job as JSON."""
+def job_json(session: Session, job: Job, *, new: bool = False) -> dict[str, Any]:
+    """One job as JSON; ``new``: created by this request, so it has no artifacts or test
+    results to read yet."""
+    if new:
+        return dump(job_out(job, [], [], queue_status_out(session, [job]).get(job.id)))
     return jobs_json(session, [job])[0]
 
 

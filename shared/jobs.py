@@ -81,12 +81,14 @@ def create_job(
     owner_id: int | None = None,
     sees_all: bool = False,
     max_queued: int | None = None,
+    published_at: datetime | None = None,
 ) -> tuple[Job, bool]:
     """Store a queued job and commit; (job, True), or (earlier job, False) on a replayed key.
 
     ``owner_id`` owns the job and scopes its key; unless ``sees_all`` (an admin) the job
     resumes only from the owner's jobs. ``max_queued`` caps the owner's queued jobs
-    (TooManyQueuedJobs); a replay is never refused by it.
+    (TooManyQueuedJobs); a replay is never refused by it. ``published_at`` stamps the new
+    row for a caller that sends its message next (``shared.lease.publish_created``).
     """
     digest, key = request_digest(body), scoped_key(idempotency_key, owner_id)
     if (replayed := idempotency.earlier(session, Job, key, digest)) is not None:
@@ -96,6 +98,7 @@ def create_job(
         _check_queue_room(session, owner_id, max_queued)
     job = new_job(body, resume_epoch, key, digest)
     job.owner_id = owner_id
+    job.published_at = published_at
     return idempotency.store(session, job, key, digest)
 
 

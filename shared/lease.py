@@ -601,6 +601,24 @@ def publish_stamped(
     return True
 
 
+def publish_created(
+    session_factory: SessionFactory,
+    job_id: str,
+    queue: str,
+    stamped: datetime,
+    publish: Callable[[str, str], None],
+) -> None:
+    """Send the message of a job stored with ``published_at = stamped`` by the transaction
+    that created it: the row is committed, stamped, before any worker is woken, as
+    ``publish_stamped`` does in a transaction of its own. If sending fails the stamp is put
+    back (the reaper's next pass sends it) and the error raised."""
+    try:
+        publish(job_id, queue)
+    except Exception:
+        _stamp_published(session_factory, job_id, stamped, None)
+        raise
+
+
 def _due_for_publish(
     session_factory: SessionFactory, now: datetime, grace_seconds: float, limit: int
 ) -> list[tuple[str, str, datetime | None]]:
