@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from matplotlib.figure import Figure
 
 from tests.training.conftest import synthetic_split
@@ -43,3 +44,38 @@ def test_examples_png_is_drawn_once_for_the_same_digits_and_anew_for_others(
     plots.save_examples(synthetic_split(600, seed=7), tmp_path / "other.png")
     assert len(drawn) == 3
     assert (tmp_path / "other.png").read_bytes() != first
+
+
+class _Guesses(torch.nn.Module):
+    """A "model" whose guesses are fixed: the label where ``right`` is true, else label + 1."""
+
+    def __init__(self, labels: torch.Tensor, right: torch.Tensor) -> None:
+        super().__init__()
+        self.guesses = torch.where(right, labels, (labels + 1) % 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(self.guesses[: len(images)], 10).float()
+
+
+@pytest.mark.parametrize("right_every", [2, 7, 10_000])  # half right, a seventh, only the first
+def test_predictions_png_colours_each_digit_by_whether_its_guess_is_right(
+    tmp_path: Path, tiny_test: MnistSplit, monkeypatch: pytest.MonkeyPatch, right_every: int
+) -> None:
+    drawn: list[tuple[list[str], list[str]]] = []
+    draw = plots._image_grid
+
+    def seen(images: torch.Tensor, titles: list[str], colors: list[str]) -> Figure:
+        drawn.append((titles, colors))
+        return draw(images, titles, colors)
+
+    monkeypatch.setattr(plots, "_image_grid", seen)
+    n = len(tiny_test)
+    right = torch.arange(n) % right_every == 0
+    plots.save_predictions(_Guesses(tiny_test.labels, right), tiny_test, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+    [(titles, colors)] = drawn
+    assert len(titles) == plots.ROWS * plots.COLS
+    for title, color in zip(titles, colors, strict=True):
+        assert (color == "red") == ("true" in title)  # red exactly where the guess is wrong
+    wanted_wrong = min(int((~right[:500]).sum()), max(4, 12 - int(right[:500].sum())))
+    assert colors.count("red") == wanted_wrong

@@ -40,7 +40,10 @@ def _save(fig: Figure, path: Path) -> None:
 
 def _image_grid(images: torch.Tensor, titles: Sequence[str], colors: Sequence[str]) -> Figure:
     """A 3x4 grid of digits, each under its own title."""
-    fig = Figure(figsize=(8, 6.5), layout="constrained")
+    # Fixed margins (room for the longest title, "Prediction: 3 (true 5)"), not a layout
+    # engine: constrained layout doubled the time a figure takes to draw.
+    fig = Figure(figsize=(8, 6.5))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.94, wspace=0.1, hspace=0.3)
     for i, (image, title, color) in enumerate(zip(images, titles, colors, strict=False)):
         ax = fig.add_subplot(ROWS, COLS, i + 1)
         ax.imshow(image[0].cpu().numpy(), cmap="gray", interpolation="none")
@@ -69,7 +72,8 @@ def save_loss_curve(metrics: Sequence[MetricPoint], path: Path) -> None:
     """``loss_curve.png``: train loss by examples seen; test losses as red dots (0: untrained)."""
     train = [p for p in metrics if p.kind == "train"]
     test = [p for p in metrics if p.kind == "test"]
-    fig = Figure(figsize=(9, 5), layout="constrained")
+    fig = Figure(figsize=(9, 5))
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.1, top=0.93)  # fixed, as in _image_grid
     ax = fig.add_subplot()
     ax.plot(
         [p.samples_seen for p in train],
@@ -102,12 +106,19 @@ def save_predictions(model: torch.nn.Module, split: MnistSplit, path: Path) -> N
     head = split.head(500)
     predicted = model(head.images).argmax(dim=1).cpu()
     labels = head.labels.cpu()
-    wrong = (predicted != labels).nonzero().flatten().tolist()[: n // 3]
-    right = [i for i in range(len(labels)) if i not in wrong][: n - len(wrong)]
-    chosen = sorted(right + wrong)
+    chosen = _chosen(predicted == labels, n)
     titles = [_prediction_title(int(predicted[i]), int(labels[i])) for i in chosen]
-    colors = ["black" if i not in wrong else "red" for i in chosen]
+    colors = ["black" if predicted[i] == labels[i] else "red" for i in chosen]
     _save(_image_grid(head.images[chosen], titles, colors), path)
+
+
+def _chosen(correct: torch.Tensor, n: int) -> list[int]:
+    """``n`` indexes in order: up to a third of them mistakes, the rest right guesses (more
+    mistakes only when there are too few right ones, as for an untrained net)."""
+    right = correct.nonzero().flatten().tolist()
+    wrong = (~correct).nonzero().flatten().tolist()
+    shown_wrong = wrong[: max(n // 3, n - len(right))]
+    return sorted(right[: n - len(shown_wrong)] + shown_wrong)
 
 
 def _prediction_title(predicted: int, label: int) -> str:
