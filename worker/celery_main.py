@@ -30,7 +30,7 @@ from shared.config import Settings
 from shared.db import make_session_factory
 from shared.lease import Lease
 from shared.workers import running_jobs
-from worker.job_process import JobProcesses
+from worker.job_process import DIED, JobProcesses
 from worker.maintenance import MaintenanceLoop
 from worker.registry import RegistryBeat
 from worker.runner import (
@@ -38,6 +38,7 @@ from worker.runner import (
     Outcome,
     claim,
     connect,
+    hand_back_died,
     make_worker_engine,
     prepare_claim,
     run_claimed,
@@ -129,11 +130,15 @@ def _run(job_id: str) -> str:
     """A message's task, in a pool child: claim the best queued job of its queue for the job
     process forked ahead and run it there. The claim's statements are compiled once in this
     long-lived child, not in each fresh job process; when nothing is queued, the process
-    forked ahead stays, warm, for the next message."""
+    forked ahead stays, warm, for the next message. A job whose process dies is handed back
+    at once, not when its lease expires."""
     lease = claim(context, job_id, job_processes.ready())
     if lease is None:
         return str(Outcome.SKIPPED)
-    return job_processes.run(f"{lease.job_id} {lease.token}")
+    outcome = job_processes.run(f"{lease.job_id} {lease.token}")
+    if outcome.startswith(DIED):  # killed (out of memory, a signal) or crashed mid-job
+        hand_back_died(context, lease, outcome)
+    return outcome
 
 
 register_tasks(app, context, _run)

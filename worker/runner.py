@@ -438,6 +438,22 @@ def claim(ctx: WorkerContext, job_id: str, pid: int) -> Lease | None:
     return lease
 
 
+def hand_back_died(ctx: WorkerContext, lease: Lease, how: str) -> JobStatus | None:
+    """The process training ``lease`` died (``how``: "died: SIGKILL") and its pool child
+    lives on: hand the job back now, as its lease's expiry would a reaper pass later (the
+    attempt counts), and tell the workers at once. The new status; None when fenced."""
+    status = leases.requeue(ctx.session_factory, lease, max_attempts=ctx.settings.max_attempts,
+                            reason=f"its job process {how}")  # fmt: skip
+    logger.warning("job %s: its job process %s; handed back: %s", lease.job_id, how, status)
+    queue, _draining = message_target(ctx.session_factory, lease.job_id, None)
+    if status == JobStatus.QUEUED and queue is not None:
+        try:
+            leases.publish_stamped(ctx.session_factory, lease.job_id, queue, ctx.publish)
+        except Exception:  # the broker: the reaper sends it, the row is queued either way
+            logger.warning("job %s: queued again but not published", lease.job_id, exc_info=True)
+    return status
+
+
 def run_claimed(ctx: WorkerContext, lease: Lease) -> Outcome:
     """Train the job ``lease`` holds, in this process, and end it."""
     try:

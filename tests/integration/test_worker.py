@@ -420,6 +420,26 @@ def test_a_killed_workers_job_is_requeued_and_finished_by_a_fresh_worker(stack: 
     _assert_resumed_log(stack.api.log_lines(job_id))
 
 
+def test_a_job_whose_process_is_killed_is_handed_back_at_once_and_resumed(stack: Stack) -> None:
+    # The worker lives on; only the process that trains the job dies (the kernel's OOM
+    # killer, say). Its pool child sees it die and hands the job back without waiting for
+    # the lease to expire; a worker (this one) resumes it from its checkpoint.
+    job_id = stack.api.submit({"hyperparameters": {"n_epochs": 2, **SLOW}})["id"]
+    trainer = stack.api.wait(job_id, in_epoch_2)["lease"]["pid"]
+    assert trainer in job_process_pids(stack.worker)
+    os.kill(trainer, signal.SIGKILL)
+    job = stack.api.wait_finished(job_id)
+    assert (job["status"], job["attempt"]) == ("succeeded", 2), job["error"]
+    assert [m["epoch"] for m in job["test_metrics"]] == [0, 1, 2]
+    messages = [line["message"] for line in stack.api.log_lines(job_id)]
+    handed_back = "its job process died: SIGKILL: queued again"
+    assert handed_back in messages and not any("lease" in m for m in messages), messages
+    resumed = messages.index(handed_back) + 2  # after attempt 2's claim line
+    assert messages[resumed] == (
+        "resumed from its own checkpoint checkpoints/epoch-1.pt (epoch 1) on cpu"
+    )
+
+
 def _assert_resumed_log(lines: list[dict[str, Any]]) -> None:
     """Attempt 1 up to its checkpoint, the lease lost, attempt 2 from it: each line once."""
     messages = [line["message"] for line in lines]
