@@ -82,12 +82,12 @@ class JobProcess:
 class JobProcesses:
     """The job processes of one pool child: one forked ahead, one running at most.
 
-        ``started`` runs first in each job process (connections, its handler of ``hand_back``);
-        ``prepare`` is its warm-up, given a check that turns true once its job has arrived (see
-        ``worker.pool.warm_up_in_background``); ``run`` runs a job (a line of text the pool child
-    hands over) and returns its outcome.
-        ``hand_back`` is the signal ``forward`` passes on: a job process receives it only once
-        ``started`` has run (until then it is held back, not lost).
+    ``started`` runs first in each job process (connections, its handler of ``hand_back``);
+    ``prepare`` is its warm-up, given a check that turns true once its job has arrived (see
+    ``worker.pool.warm_up_in_background``); ``run`` runs a job (a line of text the pool child
+    hands over) and returns its outcome. ``hand_back`` is the signal ``forward`` passes on: a
+    job process receives it only once ``started`` has run (until then it is held back, not
+    lost).
     """
 
     def __init__(

@@ -442,13 +442,18 @@ def hand_back_died(ctx: WorkerContext, lease: Lease, how: str) -> JobStatus | No
     """The process training ``lease`` died (``how``: "died: SIGKILL") and its pool child
     lives on: hand the job back now, as its lease's expiry would a reaper pass later (the
     attempt counts), and tell the workers at once. The new status; None when fenced."""
-    status = leases.requeue(ctx.session_factory, lease, max_attempts=ctx.settings.max_attempts,
-                            reason=f"its job process {how}")  # fmt: skip
+    try:
+        status = leases.requeue(ctx.session_factory, lease, reason=f"its job process {how}",
+                                max_attempts=ctx.settings.max_attempts)  # fmt: skip
+    except DBAPIError:  # the database went away: the lease expires and a reaper requeues it
+        logger.exception("job %s: its job process %s; not handed back", lease.job_id, how)
+        return None
     logger.warning("job %s: its job process %s; handed back: %s", lease.job_id, how, status)
-    queue, _draining = message_target(ctx.session_factory, lease.job_id, None)
-    if status == JobStatus.QUEUED and queue is not None:
+    if status == JobStatus.QUEUED:
         try:
-            leases.publish_stamped(ctx.session_factory, lease.job_id, queue, ctx.publish)
+            queue, _draining = message_target(ctx.session_factory, lease.job_id, None)
+            if queue is not None:  # None: deleted meanwhile
+                leases.publish_stamped(ctx.session_factory, lease.job_id, queue, ctx.publish)
         except Exception:  # the broker: the reaper sends it, the row is queued either way
             logger.warning("job %s: queued again but not published", lease.job_id, exc_info=True)
     return status
