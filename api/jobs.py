@@ -46,7 +46,7 @@ bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 def submit_job(session: Session, body: JobCreate, key: str | None) -> tuple[Job, bool]:
     """Store the caller's job, stamped as published, and tell the workers; (job, created).
     A broker outage leaves published_at NULL for the reaper to retry."""
-    user = current_user()
+    user, stamped = current_user(), utcnow()
     job, created = create_job(
         session,
         body,
@@ -54,13 +54,11 @@ def submit_job(session: Session, body: JobCreate, key: str | None) -> tuple[Job,
         owner_id=user.id,
         sees_all=user.is_admin,
         max_queued=services().settings.max_queued_jobs_per_user,
-        published_at=utcnow(),
+        published_at=stamped,
     )
     if created:
-        assert job.published_at is not None
         try:
-            publish_created(session_factory(), job.id, job.queue, job.published_at,
-                            services().publish)  # fmt: skip
+            publish_created(session_factory(), job.id, job.queue, stamped, services().publish)
         except BrokerUnavailable as exc:
             logger.warning("job %s stored but not published (broker down): %s", job.id, exc)
             session.refresh(job)
