@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -57,6 +58,25 @@ def test_each_job_runs_in_a_fresh_fork_that_has_what_the_template_loaded() -> No
     assert int(first[-1]) == int(second[-1]) == os.getpid()  # what the template had loaded
     ran_in = {int(first[3]), int(second[3])}
     assert len(ran_in) == 2 and os.getpid() not in ran_in  # a process of its own each
+
+
+def _frozen_count(job_id: str) -> str:
+    return f"{job_id} {gc.get_freeze_count()}"
+
+
+def test_a_job_process_gets_the_templates_objects_frozen_and_the_template_keeps_its_own() -> None:
+    # Frozen, the job process's collector never walks (and so never copies) the pages of
+    # what the template loaded; the template's own garbage is still collected.
+    before = gc.get_freeze_count()
+    processes = JobProcesses(_nothing, _no_warm_up, _frozen_count)
+    processes.fork_ahead()
+    try:
+        said = processes.run("a").split()
+    finally:
+        processes.close()
+    assert said[0] == "a"
+    assert int(said[1]) >= len(gc.get_objects()) // 2  # nearly all of this process's objects
+    assert gc.get_freeze_count() == before == 0
 
 
 def test_the_warm_up_runs_before_the_job_and_is_told_when_the_job_has_arrived(
