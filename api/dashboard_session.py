@@ -7,7 +7,8 @@ import os
 import secrets
 from pathlib import Path
 
-from flask import Flask, request, session
+from flask import Flask, Request, request, session
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from sqlalchemy.orm import Session
 
 from api.db import get_session
@@ -52,9 +53,20 @@ def _stored_key(path: Path) -> str:
     return path.read_text().strip()
 
 
+class _CookieSessions(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, with no signer built for a request without the cookie
+    (every API client's): its session is a new, empty one either way."""
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if app.secret_key and not request.cookies.get(self.get_cookie_name(app)):
+            return self.session_class()
+        return super().open_session(app, request)
+
+
 def init_app(app: Flask, settings: Settings) -> None:
     """Give ``app`` its signing key and a cookie scripts cannot read, sent same-site only."""
     app.secret_key = secret_key(settings)
+    app.session_interface = _CookieSessions()
     app.config.update(
         SESSION_COOKIE_NAME="mnistq_session",
         SESSION_COOKIE_HTTPONLY=True,
