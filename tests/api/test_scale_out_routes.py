@@ -14,6 +14,7 @@ from api import create_app
 from api.db import SESSIONS_KEY
 from shared import workers
 from shared.artifacts import describe
+from shared.db import make_engine, make_session_factory
 from shared.models import Artifact, Worker, utcnow
 from shared.store import make_store
 from shared.workers import WorkerInfo
@@ -67,6 +68,35 @@ def test_queue_positions_follow_priority_then_age(client: FlaskClient) -> None:
     assert positions == [2, 3, 1, 4]
     listed = {j["id"]: j["queue_status"]["position"] for j in client.get(JOBS).get_json()["items"]}
     assert [listed[i] for i in ids] == [2, 3, 1, 4]
+
+
+def test_a_pages_positions_are_each_jobs_own_in_every_queue(any_database_url: str) -> None:
+    # A page is ranked in one pass, one job is counted: both must give the claim's order
+    # (priority, then age, then id), each queue on its own, and nothing for a job not queued.
+    engine = make_engine(any_database_url)
+    sessions = make_session_factory(engine)
+    at = utcnow()
+    rows = [("cpu", 0, 0), ("cpu", 5, 1), ("gpu", 0, 0), ("cpu", 0, 0), ("gpu", 9, 2),
+            ("cpu", -3, 0), ("cpu", 5, 1), ("gpu", 0, 3)]  # fmt: skip
+    made = [
+        (insert_job(sessions, queue=queue, priority=priority,
+                    created_at=at + timedelta(seconds=age)), queue, priority, age)
+        for queue, priority, age in rows
+    ]  # fmt: skip
+    running = insert_job(sessions, queue="cpu", priority=99, status="running")
+    expected: dict[str, int] = {}
+    for queue in ("cpu", "gpu"):
+        mine = sorted((row for row in made if row[1] == queue), key=lambda r: (-r[2], r[3], r[0]))
+        expected |= {job_id: place for place, (job_id, *_) in enumerate(mine, start=1)}
+    ids = [job_id for job_id, *_ in made] + [running]
+    try:
+        with sessions() as session:
+            page = workers.queue_positions(session, ids)
+            one_by_one = {i: workers.queue_positions(session, [i]).get(i) for i in ids}
+    finally:
+        engine.dispose()
+    assert page == expected
+    assert one_by_one == expected | {running: None}
 
 
 def test_patch_changes_a_queued_jobs_priority_and_its_place(client: FlaskClient) -> None:
