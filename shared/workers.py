@@ -252,7 +252,8 @@ def _position_statement() -> Select[str, int]:
 def _page_positions_statement() -> Select[str, int]:
     """The same numbers as ``_position_statement``, from one ranking of the queues' jobs."""
     ids: BindParameter[str] = bindparam("ids", expanding=True)
-    their_queues = select(Job.queue).where(Job.id.in_(ids)).scalar_subquery()
+    # A lookup of its own, not correlated with the ranking's rows of the same table.
+    their_queues = select(Job.queue).where(Job.id.in_(ids)).correlate(None).scalar_subquery()
     ranked = (
         select(
             Job.id,
