@@ -451,7 +451,8 @@ def hand_back_died(ctx: WorkerContext, lease: Lease, how: str) -> JobStatus | No
     logger.warning("job %s: its job process %s; handed back: %s", lease.job_id, how, status)
     if status == JobStatus.QUEUED:
         try:
-            queue, _draining = message_target(ctx.session_factory, lease.job_id, None)
+            with ctx.session_factory() as session:
+                queue = session.scalar(select(Job.queue).where(Job.id == lease.job_id))
             if queue is not None:  # None: deleted meanwhile
                 leases.publish_stamped(ctx.session_factory, lease.job_id, queue, ctx.publish)
         except Exception:  # the broker: the reaper sends it, the row is queued either way
