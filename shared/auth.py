@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 from shared.models import ApiToken, User, utcnow
 from shared.sessions import end_sessions_of
@@ -181,7 +182,10 @@ def _detached_copy(token: ApiToken) -> ApiToken:
                      created_at=user.created_at)  # fmt: skip
     copy = ApiToken(id=token.id, public_id=token.public_id, user_id=token.user_id,
                     token_hash=token.token_hash, created_at=token.created_at,
-                    revoked_at=token.revoked_at, user=user_copy)  # fmt: skip
+                    revoked_at=token.revoked_at)  # fmt: skip
+    # Set as loaded without the backref: the user's token list stays unloaded, so a session
+    # that merges the copy reads the user's tokens from the database, not a list of this one.
+    set_committed_value(copy, "user", user_copy)
     # Detached with every attribute marked as loaded and unchanged, so merge(load=False) works.
     make_transient_to_detached(user_copy)
     make_transient_to_detached(copy)

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import create_app
 from client.cli import cli
 from client.server import _bootstrap_admin
-from shared.auth import hash_token, new_token_secret, revoke_token
+from shared.auth import create_token, hash_token, new_token_secret, revoke_token
 from shared.config import Settings, get_settings
 from shared.models import ApiToken
 from tests.api.conftest import Caller, client_as, make_settings
@@ -180,3 +180,16 @@ def test_first_up_creates_an_admin_and_keeps_its_token_private(
     assert me.get_json()["is_admin"] is True
     _bootstrap_admin(settings)  # a second start creates nobody and prints no token
     assert token not in capsys.readouterr().out
+
+
+def test_me_lists_every_token_of_the_user_also_when_the_token_came_from_the_cache(
+    tmp_path: Path, database_url: str, alice: Caller, sessions: sessionmaker[Session]
+) -> None:
+    app = create_app(make_settings(tmp_path, database_url, token_cache_seconds=60),
+                     publish=lambda j, q: None)  # fmt: skip
+    with sessions() as session:
+        create_token(session, "alice")
+    client = client_as(app, alice)
+    for _ in range(2):  # the token checked in the database, then taken from the cache
+        me = client.get("/api/v1/me").get_json()
+        assert len(me["tokens"]) == 2, me
