@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from flask import Flask, Response, current_app
-from sqlalchemy import bindparam, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, bindparam, select
 
 from shared.models import Job, JobStatus
 
@@ -48,7 +47,7 @@ class FinishedJobAnswers:
         self._answers: OrderedDict[str, Answer] = OrderedDict()
         self._lock = threading.Lock()
 
-    def lookup(self, session: Session, job_id: str, owner_id: int | None) -> Answer | None:
+    def lookup(self, connection: Connection, job_id: str, owner_id: int | None) -> Answer | None:
         """The kept answer if the job is still there, finished as it was, and the caller's
         (``owner_id`` None: an admin's, every job); else None (the full path decides)."""
         with self._lock:
@@ -57,7 +56,7 @@ class FinishedJobAnswers:
                 self._answers.move_to_end(job_id)
         if kept is None or (owner_id is not None and kept.owner_id != owner_id):
             return None
-        row = session.connection().execute(_ROW_NOW, {"job_id": job_id}).first()
+        row = connection.execute(_ROW_NOW, {"job_id": job_id}).first()
         if row is None or (row.status, row.finished_at, row.owner_id) != (
             kept.status, kept.finished_at, kept.owner_id,
         ):  # fmt: skip

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import Flask, current_app, g, request
+from sqlalchemy import inspect
 
 from api import dashboard_session
 from api.db import get_session
@@ -63,14 +64,14 @@ def require_token() -> None:
     authenticate_request()
 
 
-def authenticate_request() -> User:
-    """The caller's live token and user, put into ``g``; 401 if there is none."""
-    token = _session_token() or _tokens().authenticate(get_session(), _bearer_secret())
+def authenticate_request() -> None:
+    """The caller's live token, put into ``g``; 401 if there is none."""
+    token = _session_token() or _tokens().authenticate(_bearer_secret(), get_session)
     if token is None:
         raise _unauthorized("invalid_token", "the token is unknown or revoked")
+    # Most often the token cache's shared copy: read here as it is, and merged into the
+    # request's session only by a view that asks for the token or user themselves.
     g.api_token = token
-    g.user = token.user
-    return token.user
 
 
 def _tokens() -> TokenCache:
@@ -109,26 +110,28 @@ def _unauthorized(code: str, message: str) -> ApiError:
 
 
 def current_user() -> User:
-    """The user the request's token belongs to."""
-    user: User = g.user
-    return user
+    """The user the request's token belongs to, in the request's session (for views that
+    load more of it, such as its tokens)."""
+    token: ApiToken = g.api_token
+    if inspect(token).detached:  # the token cache's copy: this request gets its own
+        token = g.api_token = get_session().merge(token, load=False)
+    return token.user
 
 
-def current_token() -> ApiToken:
-    """The token the request came with."""
+def caller() -> ApiToken:
+    """The request's token as authenticated, its user loaded: read it, never change it (it
+    may be the token cache's copy, which every request of this process shares)."""
     token: ApiToken = g.api_token
     return token
 
 
 def owner_scope() -> int | None:
     """Whose jobs the caller may see: their own id, or None (all jobs) for an admin."""
-    user = current_user()
+    user = caller().user
     return None if user.is_admin else user.id
 
 
-def require_admin() -> User:
-    """The caller if an admin; 403 otherwise."""
-    user = current_user()
-    if not user.is_admin:
+def require_admin() -> None:
+    """403 unless the caller is an admin."""
+    if not caller().user.is_admin:
         raise ApiError(403, "forbidden", "only an admin may do this")
-    return user

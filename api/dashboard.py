@@ -18,7 +18,7 @@ from flask import (
 from flask.typing import ResponseReturnValue
 
 from api import dashboard_session
-from api.auth import owner_scope, public
+from api.auth import caller, owner_scope, public
 from api.dashboard_forms import Submission, form_fields, read_submission
 from api.db import get_session
 from api.errors import ApiError
@@ -64,13 +64,14 @@ def _signed_in() -> ResponseReturnValue | None:
         if request.method == "GET":
             return redirect(url_for("dashboard.signin", next=request.full_path.rstrip("?")))
         raise ApiError(401, "authentication_required", "sign in to the dashboard first")
-    g.api_token, g.user = token, token.user
+    g.api_token = token
     return None
 
 
 @bp.app_context_processor
 def _template_globals() -> dict[str, Any]:
-    return {"csrf_token": dashboard_session.csrf_token, "user": g.get("user")}
+    user = caller().user if "api_token" in g else None
+    return {"csrf_token": dashboard_session.csrf_token, "user": user}
 
 
 @bp.get("/")
@@ -190,7 +191,7 @@ def workers_page() -> ResponseReturnValue:
 @public
 def drain_worker(worker_id: str) -> ResponseReturnValue:
     """Drain from the Workers page (admins only), then show it again."""
-    if not g.user.is_admin:
+    if not caller().user.is_admin:
         flash("Only an admin may drain a worker.", "error")
     else:
         try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Flask, current_app, g, has_request_context, request
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -50,6 +52,18 @@ def get_engine() -> Engine:
     """The current app's engine."""
     engine: Engine = current_app.extensions[ENGINE_KEY]
     return engine
+
+
+@contextmanager
+def read_connection() -> Iterator[Connection]:
+    """A connection for a few reads without the ORM: the request session's if it has one
+    (a request holds one connection at a time), else a pooled one, without a transaction,
+    for the block."""
+    if "db_session" in g:
+        yield g.db_session.connection()
+        return
+    with current_app.extensions[READS_KEY].connect() as connection:
+        yield connection
 
 
 def session_factory() -> sessionmaker[Session]:

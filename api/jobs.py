@@ -9,9 +9,9 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.orm import Session
 
 from api.answer_cache import finished_answers
-from api.auth import current_user, owner_scope
+from api.auth import caller, owner_scope
 from api.conditional import IF_NONE_MATCH, NOT_MODIFIED, conditional_bytes, conditional_json
-from api.db import get_session, session_factory
+from api.db import get_session, read_connection, session_factory
 from api.extensions import services
 from api.inputs import IDEMPOTENCY_HEADER, idempotency_key, json_body, query_args
 from api.limits import check_submit_rate
@@ -46,7 +46,7 @@ bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 def submit_job(session: Session, body: JobCreate, key: str | None) -> tuple[Job, bool]:
     """Store the caller's job, stamped as published, and tell the workers; (job, created).
     A broker outage leaves published_at NULL for the reaper to retry."""
-    user, stamped = current_user(), utcnow()
+    user, stamped = caller().user, utcnow()
     job, created = create_job(
         session,
         body,
@@ -121,11 +121,12 @@ def index() -> ResponseReturnValue:
 )
 def get(job_id: str) -> ResponseReturnValue:
     """Status, progress, results, artifacts and links of one job."""
-    session, scope = get_session(), owner_scope()
-    answers = finished_answers()
-    kept = answers.lookup(session, job_id, scope)
+    scope, answers = owner_scope(), finished_answers()
+    with read_connection() as connection:  # a kept answer needs no session
+        kept = answers.lookup(connection, job_id, scope)
     if kept is not None:
         return conditional_bytes(kept.body, kept.etag)
+    session = get_session()
     job = get_job(session, job_id, owner_id=scope)
     response = conditional_json(job_json(session, job))
     if response.status_code == 200:

@@ -6,7 +6,7 @@ from flask import Flask, current_app, request
 from flask_limiter import Limiter
 from limits import parse_many
 
-from api.auth import current_token
+from api.auth import caller
 from api.extensions import services
 from shared.config import Settings
 
@@ -17,7 +17,7 @@ SUBMIT_SCOPE = "submit"
 
 def _token_key() -> str:
     """Counters are per token, not per address: people behind one NAT do not share them."""
-    return f"token:{current_token().public_id}"
+    return f"token:{caller().public_id}"
 
 
 def init_app(app: Flask, settings: Settings) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, url_for
 from flask.typing import ResponseReturnValue
 
-from api.auth import current_user, owner_scope
+from api.auth import caller, owner_scope
 from api.db import get_session
 from api.extensions import services
 from api.inputs import IDEMPOTENCY_HEADER, idempotency_key, json_body, query_args
@@ -35,7 +35,7 @@ def create() -> ResponseReturnValue:
     body = json_body(SweepCreate)
     session = get_session()
     sweep, created = create_sweep(
-        session, body, idempotency_key=idempotency_key(), owner_id=current_user().id
+        session, body, idempotency_key=idempotency_key(), owner_id=caller().user.id
     )
     location = url_for("sweeps.get", sweep_id=sweep.id)
     return sweeps_json(session, [sweep])[0], 201 if created else 200, {"Location": location}

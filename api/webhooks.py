@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
-from api.auth import current_user, owner_scope
+from api.auth import caller, owner_scope
 from api.db import get_session
 from api.extensions import services
 from api.inputs import json_body
@@ -63,7 +63,7 @@ def create() -> ResponseReturnValue:
     """Store an endpoint for the caller's events; 201 with its secret, shown this once."""
     body = json_body(WebhookCreate)
     endpoint = webhooks.create_endpoint(
-        get_session(), current_user().id, url=body.url, event_types=body.events,
+        get_session(), caller().user.id, url=body.url, event_types=body.events,
         description=body.description, allow_private=services().settings.webhook_allow_private,
     )  # fmt: skip
     out = WebhookCreatedOut(**endpoint_out(endpoint).model_dump(), secret=endpoint.secret)

@@ -6,6 +6,7 @@ import hashlib
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -152,17 +153,22 @@ class TokenCache:
         self.max_entries = max_entries
         self._entries: dict[str, _Cached] = {}
 
-    def authenticate(self, session: Session, secret: str) -> ApiToken | None:
-        """``authenticate`` through the cache: the token in ``session``, or None."""
+    def authenticate(self, secret: str, session: Callable[[], Session]) -> ApiToken | None:
+        """The live token whose secret this is, its user loaded; None if unknown or revoked.
+
+        A cached token is a detached copy that every request of this process shares, with
+        no query and no session: read it, never change it or add it to a session
+        (``session.merge(token, load=False)`` gives a session its own copy without a query).
+        Otherwise the row is read in ``session()``.
+        """
         if not TOKEN_PATTERN.fullmatch(secret):
             return None
         digest = hash_token(secret)
         now = time.monotonic()
         cached = self._entries.get(digest)
         if cached is not None and cached.expires > now:
-            # A copy in this request's session, built from the cached state without a query.
-            return session.merge(cached.token, load=False)
-        token = _live_token(session, digest)
+            return cached.token
+        token = _live_token(session(), digest)
         if token is None:
             self._entries.pop(digest, None)
         elif self.ttl > 0:

@@ -20,6 +20,7 @@ from api import create_app
 from api.answer_cache import KEY as ANSWERS_KEY
 from api.answer_cache import FinishedJobAnswers
 from api.db import ENGINE_KEY, SESSIONS_KEY, get_session
+from shared.auth import create_token
 from shared.models import Job, JobStatus, Worker, utcnow
 from shared.store import LocalStore
 from tests.api.conftest import (
@@ -125,6 +126,37 @@ def client_as_fresh_process(client: FlaskClient, url: str) -> bytes:
     answers: FinishedJobAnswers = client.application.extensions[ANSWERS_KEY]
     answers.forget(url.rsplit("/", 1)[1])
     return client.get(url).data
+
+
+def test_a_cached_token_serves_every_view_and_is_read_once(
+    tmp_path: Path, database_url: str, publisher: RecordingPublisher,
+    sessions: sessionmaker[Session],
+) -> None:  # fmt: skip
+    app = create_app(make_settings(tmp_path, database_url, token_cache_seconds=60,
+                                   webhook_allow_private=True),
+                     publish=publisher)  # fmt: skip
+    alice = add_user(sessions, "alice")
+    with sessions() as session:
+        create_token(session, "alice")  # a second token, which /me lists from the database
+    job_id = insert_job(sessions, status=JobStatus.SUCCEEDED, owner_id=alice.id)
+    client = client_as(app, alice)
+    recorder = Statements(app)
+    try:
+        # Views that only read who the caller is, and views that load more of the user (its
+        # tokens) or own something by it, all on the one cached token, in any order.
+        for _ in range(2):
+            assert client.get(f"{JOBS}/{job_id}").status_code == 200
+            me = client.get("/api/v1/me").get_json()
+            assert (me["name"], len(me["tokens"])) == ("alice", 2)
+            hook = client.post("/api/v1/webhooks", json={"url": "http://127.0.0.1:9/hook",
+                                                         "events": ["job.succeeded"]})  # fmt: skip
+            assert hook.status_code == 201, hook.get_json()
+            assert client.get(JOBS).get_json()["items"][0]["id"] == job_id
+        by_secret = [s for s in recorder.sent if "api_token.token_hash = " in s]
+        assert len(by_secret) == 1, by_secret  # the first request's look-up, then the cache
+    finally:
+        recorder.close()
+        app.extensions[ENGINE_KEY].dispose()
 
 
 def test_a_kept_answer_is_the_owners_only_and_gone_with_the_row(
