@@ -1,19 +1,20 @@
-"""Instructions one GET of a job costs the API process, per source tree: a figure that the
-machine's load does not move.
+"""Instructions one GET of a job or of a job list page costs the API process, per source
+tree: a figure that the machine's load does not move.
 
 Throughput on a shared 2-core machine swings by a third from one minute to the next (wrk,
 PostgreSQL and the API share the cores), which hides a change of a tenth. Here each tree
-serves GET /api/v1/jobs/<id> in-process (Flask's test client, the app as `mnistq api`
-builds it, a real PostgreSQL) under valgrind's callgrind, which counts the instructions the
-process executes. Each tree runs twice, with a short and a long series of requests after
-the same warm-up, and the difference divided by the extra requests is the cost of one
-request, start-up and warm-up cancelled out. PostgreSQL's own work and the kernel's are not
-counted: the figure is the API process's share, the part a change to the code moves.
+serves GET /api/v1/jobs/<id> and GET /api/v1/jobs in-process (Flask's test client, the app
+as `mnistq api` builds it, a real PostgreSQL) under valgrind's callgrind, which counts the
+instructions the process executes. Each tree runs twice, with a short and a long series of
+requests after the same warm-up, and the difference divided by the extra requests is the
+cost of one request, start-up and warm-up cancelled out. PostgreSQL's own work and the
+kernel's are not counted: the figure is the API process's share, the part a change to the
+code moves.
 
 Needs valgrind, and PostgreSQL on 127.0.0.1:5432 (scripts/services).
 
     git worktree add /tmp/base HEAD~1
-    python bench/api_cost.py /tmp/base . [--kinds finished,running] [--requests 100,400]
+    python bench/api_cost.py /tmp/base . [--kinds finished,running,list] [--requests 100,400]
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ def child(tree: Path, kind: str, requests: int) -> None:
         from api import create_app
 
         client = create_app().test_client()
-        paths = [f"/api/v1/jobs/{i}" for i in (finished if kind == "finished" else running)]
-        paths = paths[:ASKED]
+        if kind == "list":
+            paths = ["/api/v1/jobs"]  # the newest page, as many jobs as the page size
+        else:
+            ids = finished if kind == "finished" else running
+            paths = [f"/api/v1/jobs/{i}" for i in ids[:ASKED]]
         for _ in range(WARM_PASSES):
             for path in paths:
                 assert client.get(path, headers=headers).status_code == 200, path
@@ -78,8 +82,9 @@ def main() -> None:
     parser.add_argument("trees", nargs="*", type=Path, help="source trees to compare")
     parser.add_argument(
         "--kinds",
-        default="finished,running",
-        help="jobs asked for: finished (answers kept), running (read afresh)",
+        default="finished,running,list",
+        help="what is asked for: a finished job (its answer kept), a running job (read "
+        "afresh) or the newest page of the job list",
     )
     parser.add_argument("--requests", default="100,400", help="the short and the long series")
     parser.add_argument("--parallel", type=int, default=2, help="callgrind runs at once")
@@ -98,7 +103,7 @@ def main() -> None:
     runs = [(tree, kind, n) for kind in kinds for tree in trees for n in (short, long)]
     with ThreadPoolExecutor(args.parallel) as pool:
         counts = dict(zip(runs, pool.map(lambda run: instructions(*run), runs), strict=True))
-    print(f"instructions per GET /api/v1/jobs/<id>, in-process, PostgreSQL, "
+    print(f"instructions per GET of a job or a list page, in-process, PostgreSQL, "
           f"({long} - {short} requests) after the same warm-up")  # fmt: skip
     for kind in kinds:
         first = None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, url_for
 from flask.testing import FlaskClient
 from sqlalchemy import delete, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -157,6 +157,24 @@ def test_a_cached_token_serves_every_view_and_is_read_once(
     finally:
         recorder.close()
         app.extensions[ENGINE_KEY].dispose()
+
+
+def test_links_are_what_url_for_gives_in_each_request_wherever_the_app_is_mounted(
+    app: Flask, client: FlaskClient, sessions: sessionmaker[Session], store: LocalStore
+) -> None:
+    job_id = _finished_job(sessions, store)
+    for root in ("", "/mnistq", ""):  # URLs are built per request, under its own root
+        base_url = f"http://localhost{root}/"
+        (job,) = client.get(JOBS, base_url=base_url).get_json()["items"]
+        with app.test_request_context(base_url=base_url):
+            links = {"self": url_for("jobs.get", job_id=job_id),
+                     "metrics": url_for("jobs.metrics", job_id=job_id),
+                     "artifacts": url_for("artifacts.index", job_id=job_id),
+                     "cancel": url_for("jobs.cancel", job_id=job_id)}  # fmt: skip
+            urls = {n: url_for("artifacts.download", job_id=job_id, name=n) for n in NAMES}
+        assert links["self"] == f"{root}/api/v1/jobs/{job_id}"
+        assert job["links"] == links
+        assert {a["name"]: a["url"] for a in job["artifacts"]} == urls
 
 
 def test_a_kept_answer_is_the_owners_only_and_gone_with_the_row(
