@@ -69,8 +69,8 @@ def authenticate_request() -> None:
     token = _session_token() or _tokens().authenticate(_bearer_secret(), get_session)
     if token is None:
         raise _unauthorized("invalid_token", "the token is unknown or revoked")
-    # Most often the token cache's shared copy: read here as it is, and merged into the
-    # request's session only by a view that asks for the token or user themselves.
+    # Most often the token cache's shared copy: views read it as it is (``caller()``), and
+    # only one that loads more of the user merges it into the session (``current_user()``).
     g.api_token = token
 
 
