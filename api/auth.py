@@ -66,7 +66,7 @@ def require_token() -> None:
 
 def authenticate_request() -> None:
     """The caller's live token, put into ``g``; 401 if there is none."""
-    token = _session_token() or _tokens().authenticate(_bearer_secret(), get_session)
+    token = _session_token() or _tokens().authenticate(get_session, _bearer_secret())
     if token is None:
         raise _unauthorized("invalid_token", "the token is unknown or revoked")
     # Most often the token cache's shared copy: views read it as it is (``caller()``), and

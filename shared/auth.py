@@ -153,7 +153,7 @@ class TokenCache:
         self.max_entries = max_entries
         self._entries: dict[str, _Cached] = {}
 
-    def authenticate(self, secret: str, session: Callable[[], Session]) -> ApiToken | None:
+    def authenticate(self, session: Callable[[], Session], secret: str) -> ApiToken | None:
         """The live token whose secret this is, its user loaded; None if unknown or revoked.
 
         A cached token is a detached copy that every request of this process shares, with
