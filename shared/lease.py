@@ -22,7 +22,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import events
 from shared.db import transaction
 from shared.events import NewEvent
-from shared.models import Artifact, EventKind, Job, JobStatus, Metric, utcnow
+from shared.models import (
+    Artifact,
+    EventKind,
+    Job,
+    JobStatus,
+    Metric,
+    Worker,
+    WorkerState,
+    utcnow,
+)
 from shared.schemas import progress_figures
 
 logger = logging.getLogger(__name__)
@@ -146,13 +155,16 @@ class Claimant:
 
 def claim_next(
     session_factory: SessionFactory,
-    queues: Sequence[str],
+    queues: Sequence[str] | QueueOf,
     *,
     claimant: Claimant,
     lease_seconds: float,
     max_running_per_user: int | None = None,
 ) -> Lease | None:
     """Take the best queued job of ``queues`` (highest priority, then oldest); None if none.
+    ``QueueOf(job_id)`` names the queue a message came from by the job it names, and takes
+    nothing while the claimant's worker is draining: what a message's claim needs, checked
+    in the statement that claims, not in a round trip before it.
 
     The database is the queue: a broker message only wakes a worker, so a lost, duplicated
     or reordered message can never lose or reorder work. On PostgreSQL the candidate row is
@@ -163,7 +175,7 @@ def claim_next(
     """
     now = utcnow()
     token = secrets.token_hex(16)
-    eligible = [Job.status == JobStatus.QUEUED, Job.queue.in_(list(queues))]
+    eligible = [Job.status == JobStatus.QUEUED, *_queue_filter(queues, claimant.worker_id)]
     if max_running_per_user is not None:
         running = Job.__table__.alias("running")
         eligible.append(
@@ -204,6 +216,27 @@ def claim_next(
         message = _claim_line(claimant, row.attempt)
         events.status_changed(session, row.id, "claimed", message, state=row)
     return Lease(row.id, token)
+
+
+@dataclass(frozen=True)
+class QueueOf:
+    """The queue of job ``job_id``: the one its message was sent to (``claim_next``)."""
+
+    job_id: str
+
+
+def _queue_filter(queues: Sequence[str] | QueueOf, worker_id: str | None) -> list[Any]:
+    if not isinstance(queues, QueueOf):
+        return [Job.queue.in_(list(queues))]
+    named = Job.__table__.alias("named")
+    conditions = [Job.queue == select(named.c.queue).where(named.c.id == queues.job_id)
+                  .scalar_subquery()]  # fmt: skip
+    if worker_id is not None:
+        draining = select(Worker.id).where(
+            Worker.id == worker_id, Worker.state == WorkerState.DRAINING
+        )
+        conditions.append(~draining.exists())
+    return conditions
 
 
 def _claim_line(claimant: Claimant, attempt: int) -> str:

@@ -111,17 +111,13 @@ def beat(factory: sessionmaker[Session], info: WorkerInfo) -> WorkerState:
     return WorkerState(state or WorkerState.LIVE)
 
 
-def message_target(
-    factory: sessionmaker[Session], job_id: str, worker_id: str | None
-) -> tuple[str | None, bool]:
-    """What a worker's task needs before it claims, in one query: the queue of the job its
-    message names (the queue the message came from; None: no such job), and whether an
-    admin asked worker ``worker_id`` to drain (it claims nothing new)."""
-    queue = select(Job.queue).where(Job.id == job_id).scalar_subquery()
-    state = select(Worker.state).where(Worker.id == worker_id).scalar_subquery()
+def is_draining(factory: sessionmaker[Session], worker_id: str | None) -> bool:
+    """Whether an admin asked worker ``worker_id`` to drain (it claims nothing new)."""
+    if worker_id is None:
+        return False
     with factory() as session:
-        found, worker_state = session.execute(select(queue, state)).one()
-    return found, worker_state == WorkerState.DRAINING
+        state = session.scalar(select(Worker.state).where(Worker.id == worker_id))
+    return state == WorkerState.DRAINING
 
 
 def request_drain(session: Session, worker_id: str) -> Worker:

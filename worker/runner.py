@@ -43,7 +43,7 @@ from shared.lease import Claimant, Lease, MetricRecord, ProgressUpdate
 from shared.models import Job, JobStatus
 from shared.schemas import Hyperparameters
 from shared.store import ArtifactStore, StoreUnavailable, make_store
-from shared.workers import message_target
+from shared.workers import is_draining
 
 if TYPE_CHECKING:  # torch only in the job process, inside run_claimed
     from worker.training.checkpoints import Checkpoint
@@ -396,8 +396,7 @@ class Draining(Exception):
     """An admin asked this worker to drain: it takes nothing new."""
 
 
-# A queue and a job id no row has: a claim of them takes nothing and changes nothing.
-_NO_QUEUE = "-"
+# A job id no row has: a claim of its queue takes nothing and changes nothing.
 _NO_JOB = "0" * 32
 
 
@@ -405,10 +404,10 @@ def prepare_claim(ctx: WorkerContext) -> None:
     """What a message's claim runs, done once with nothing to take: the database connection
     opened and the statements compiled (SQLAlchemy caches them per process), so the first
     claim of a fresh pool child is as quick as any later one."""
-    message_target(ctx.session_factory, _NO_JOB, ctx.worker_id)
-    leases.claim_next(ctx.session_factory, [_NO_QUEUE], claimant=ctx.claimant(),
+    leases.claim_next(ctx.session_factory, leases.QueueOf(_NO_JOB), claimant=ctx.claimant(),
                       lease_seconds=ctx.settings.lease_seconds,
                       max_running_per_user=ctx.settings.max_running_jobs_per_user)  # fmt: skip
+    is_draining(ctx.session_factory, ctx.worker_id)
 
 
 def connect(ctx: WorkerContext) -> None:
@@ -421,17 +420,16 @@ def claim(ctx: WorkerContext, job_id: str, pid: int) -> Lease | None:
     """Claim the best queued job of ``job_id``'s queue for the process ``pid`` to train;
     None when nothing is queued there (another worker took the work); Draining when this
     worker takes nothing new."""
-    queue, draining = message_target(ctx.session_factory, job_id, ctx.worker_id)
-    if draining:
-        raise Draining(f"worker {ctx.worker_id} is draining")
-    lease = None
-    if queue is not None:
-        lease = leases.claim_next(
-            ctx.session_factory, [queue], claimant=ctx.claimant(pid),
-            lease_seconds=ctx.settings.lease_seconds,
-            max_running_per_user=ctx.settings.max_running_jobs_per_user,
-        )  # fmt: skip
+    # One transaction when there is work. Only a message that finds none asks why: its job
+    # unknown, its queue empty, or this worker draining (the message then goes back).
+    lease = leases.claim_next(
+        ctx.session_factory, leases.QueueOf(job_id), claimant=ctx.claimant(pid),
+        lease_seconds=ctx.settings.lease_seconds,
+        max_running_per_user=ctx.settings.max_running_jobs_per_user,
+    )  # fmt: skip
     if lease is None:
+        if is_draining(ctx.session_factory, ctx.worker_id):
+            raise Draining(f"worker {ctx.worker_id} is draining")
         logger.info("message for job %s: nothing queued on its queue, skipping", job_id)
     elif lease.job_id != job_id:
         logger.info("message for job %s: running job %s, first in its queue", job_id, lease.job_id)

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import lease as leases
 from shared.lease import Claimant, Lease, MetricRecord, ProgressUpdate
-from shared.models import Artifact, Job, JobStatus, Metric, User, utcnow
+from shared.models import Artifact, Job, JobStatus, Metric, User, Worker, WorkerState, utcnow
 
 Factory = sessionmaker[Session]
 
@@ -278,6 +278,38 @@ def test_a_claim_takes_only_jobs_of_its_queues(factory: Factory) -> None:
     assert claim(factory, cpu_job, queue="cpu") is not None
     assert claim(factory, queue="cpu") is None
     assert claim(factory, gpu_job, queue="gpu") is not None
+
+
+def test_a_message_claims_the_best_job_of_its_jobs_queue_unless_its_worker_drains(
+    factory: Factory,
+) -> None:
+    gpu_job = add_job(factory, queue="gpu", priority=100)
+    named = add_job(factory, queue="cpu", created_at=utcnow())
+    older = add_job(factory, queue="cpu", created_at=utcnow() - timedelta(minutes=1))
+    worker = Worker(
+        id=CLAIMANT.worker_id, name="w@host-a", hostname="host-a", pid=1, queues="cpu,gpu",
+        concurrency=1, heartbeat_seconds=5, state=WorkerState.DRAINING,
+    )  # fmt: skip
+    with factory() as session, session.begin():
+        session.add(worker)
+
+    def message(job_id: str) -> Lease | None:
+        return leases.claim_next(
+            factory, leases.QueueOf(job_id), claimant=CLAIMANT, lease_seconds=30
+        )
+
+    assert message(named) is None  # draining: nothing is taken
+    assert {get(factory, i).status for i in (named, older)} == {JobStatus.QUEUED}
+    with factory() as session, session.begin():
+        session.execute(update(Worker).values(state=WorkerState.LIVE))
+    assert message("0" * 32) is None  # no such job, so no queue
+    first = message(named)  # the named job's queue, its oldest job first
+    assert first is not None and first.job_id == older
+    assert get(factory, older).status == JobStatus.RUNNING
+    second = message(named)
+    assert second is not None and second.job_id == named
+    assert message(named) is None  # the cpu queue is empty; the gpu job is not taken
+    assert get(factory, gpu_job).status == JobStatus.QUEUED
 
 
 def test_a_requeued_job_keeps_its_place_in_the_queue(factory: Factory) -> None:
