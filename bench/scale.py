@@ -7,7 +7,8 @@ then it times, in this process and against that database:
   GET job      GET /api/v1/jobs/<random finished id> through the Flask app, as the jobs' owner
   list page    GET /api/v1/jobs (the owner's newest 50)
   position     the queue position of the last queued job (shared.workers.queue_positions)
-  claim        shared.lease.claim_next on the cpu queue, as a worker's job process claims
+  claim        shared.lease.claim_next of the queue of a queued job, as a worker's pool child
+               claims for a message naming that job
   reaper pass  worker.reaper.reap_once (requeue expired leases, re-publish due rows)
 
 and prints p50/p99 in milliseconds per size. Then it runs tiny jobs (1 epoch of one batch,
@@ -147,7 +148,7 @@ def measure(database_url: str, work: Path, seeded: Seeded, samples: int) -> dict
     from api import create_app
     from shared.config import Settings
     from shared.db import make_session_factory
-    from shared.lease import Claimant, claim_next
+    from shared.lease import Claimant, QueueOf, claim_next
     from shared.workers import queue_positions
     from worker.reaper import reap_once
     from worker.runner import make_worker_engine
@@ -173,7 +174,9 @@ def measure(database_url: str, work: Path, seeded: Seeded, samples: int) -> dict
     claimant = Claimant(hostname="bench", worker_id="b" * 32, pid=1)
 
     def claim() -> None:
-        assert claim_next(factory, ["cpu"], claimant=claimant, lease_seconds=30) is not None
+        message = QueueOf(seeded.queued[-1])  # the newest: claims take the oldest first
+        assert claim_next(factory, message, claimant=claimant, lease_seconds=30,
+                          max_running_per_user=settings.max_running_jobs_per_user)  # fmt: skip
 
     def reap() -> None:
         reap_once(settings, factory, lambda job_id, queue: None)
