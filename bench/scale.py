@@ -175,8 +175,9 @@ def measure(database_url: str, work: Path, seeded: Seeded, samples: int) -> dict
 
     def claim() -> None:
         message = QueueOf(seeded.queued[-1])  # the newest: claims take the oldest first
-        assert claim_next(factory, message, claimant=claimant, lease_seconds=30,
-                          max_running_per_user=settings.max_running_jobs_per_user)  # fmt: skip
+        lease = claim_next(factory, message, claimant=claimant, lease_seconds=30,
+                           max_running_per_user=settings.max_running_jobs_per_user)  # fmt: skip
+        assert lease is not None
 
     def reap() -> None:
         reap_once(settings, factory, lambda job_id, queue: None)
