@@ -225,7 +225,11 @@ class QueueOf:
     job_id: str
 
 
-def _queue_filter(queues: Sequence[str] | QueueOf, worker_id: str | None) -> list[Any]:
+def _queue_filter(
+    queues: Sequence[str] | QueueOf, worker_id: str | None
+) -> list[ColumnElement[bool]]:
+    """The conditions on a candidate's queue: one of ``queues``, or ``QueueOf``'s with its
+    worker not draining."""
     if not isinstance(queues, QueueOf):
         return [Job.queue.in_(list(queues))]
     named = Job.__table__.alias("named")
